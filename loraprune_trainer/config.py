@@ -1,0 +1,135 @@
+"""`LoRAPruneConfig`: TRL's `SFTConfig` plus the pruning settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from .criterion import CRITERIA, SCORE_FORMS
+from .schedule import SCHEDULES
+from .structure import ATTENTION_UNITS
+
+
+@dataclass
+class LoRAPruneConfig(SFTConfig):
+    r"""
+    Configuration for [`LoRAPruneTrainer`]: every [`trl.SFTConfig`] field plus the ones below.
+
+    Parameters:
+        > What is pruned
+
+        pruning_ratio (`float`, defaults to `0.5`):
+            Fraction of attention units and of MLP channels removed in every decoder layer, in [0, 1).
+        attention_pruning_ratio (`float`, *optional*):
+            Overrides `pruning_ratio` for attention units (0 keeps every head).
+        mlp_pruning_ratio (`float`, *optional*):
+            Overrides `pruning_ratio` for MLP channels (0 keeps every channel).
+        attention_unit (`str`, defaults to `"kv_group"`):
+            Unit of attention pruning under grouped-query attention: `"kv_group"` removes a key/value head
+            with all its query heads; `"query_head"` removes the same number of query heads from every KV
+            group. Identical under multi-head attention.
+
+        > How importance is measured
+
+        pruning_criterion (`str`, defaults to `"lora"`):
+            Importance criterion; `"lora"` is LoRAPrune's LoRA-gradient criterion (Eq. 10).
+        score_form (`str`, defaults to `"square"`):
+            `"square"`: (G * W')^2 as in the paper; `"abs"`: |G * W'| as in the authors' code.
+        normalize_scores (`bool`, defaults to `False`):
+            L2-normalise each matrix's unit scores before summing them over a group (authors' code).
+        ema_lambda (`float`, defaults to `0.9`):
+            Moving-average factor of Eq. 11, in [0, 1): S <- lambda * S + (1 - lambda) * I.
+
+        > When units are removed
+
+        prune_freq (`int`, defaults to `10`):
+            Optimizer steps between mask updates.
+        pruning_schedule (`str`, defaults to `"cubic"`):
+            `"cubic"` ramps the pruned fraction as 1 - (1 - t)^3; `"one_shot"` prunes the whole target at the
+            end of the warm-up.
+        pruning_warmup_ratio (`float`, defaults to `0.1`):
+            Fraction of training steps before the first unit is pruned (scores accumulate meanwhile).
+        pruning_cooldown_ratio (`float`, defaults to `0.1`):
+            Fraction of training steps at the end with the full target pruned (recovery fine-tuning).
+    """
+
+    pruning_ratio: float = field(
+        default=0.5,
+        metadata={"help": "Fraction of attention units and MLP channels removed in every decoder layer, in [0, 1)."},
+    )
+    attention_pruning_ratio: float | None = field(
+        default=None, metadata={"help": "Overrides `pruning_ratio` for attention units."}
+    )
+    mlp_pruning_ratio: float | None = field(default=None, metadata={"help": "Overrides `pruning_ratio` for MLP channels."})
+    attention_unit: str = field(
+        default="kv_group",
+        metadata={"help": "GQA attention unit: a whole KV group, or query heads evenly inside every KV group.",
+                  "choices": list(ATTENTION_UNITS)},
+    )
+    pruning_criterion: str = field(
+        default="lora", metadata={"help": "Importance criterion.", "choices": sorted(CRITERIA)}
+    )
+    score_form: str = field(
+        default="square",
+        metadata={"help": "`square`: (G*W')^2 (paper); `abs`: |G*W'| (authors' code).", "choices": list(SCORE_FORMS)},
+    )
+    normalize_scores: bool = field(
+        default=False, metadata={"help": "L2-normalise each matrix's unit scores before summing over a group."}
+    )
+    ema_lambda: float = field(default=0.9, metadata={"help": "Moving-average factor of the scores, in [0, 1)."})
+    prune_freq: int = field(default=10, metadata={"help": "Optimizer steps between mask updates."})
+    pruning_schedule: str = field(
+        default="cubic", metadata={"help": "Sparsity schedule.", "choices": list(SCHEDULES)}
+    )
+    pruning_warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Fraction of training steps before the first unit is pruned."}
+    )
+    pruning_cooldown_ratio: float = field(
+        default=0.1, metadata={"help": "Fraction of training steps at the end with the full target pruned."}
+    )
+
+    def __post_init__(self):
+        for name in ("pruning_ratio", "attention_pruning_ratio", "mlp_pruning_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {value}")
+        if not 0.0 <= self.ema_lambda < 1.0:
+            raise ValueError(f"`ema_lambda` must be in [0, 1), got {self.ema_lambda}")
+        if not (isinstance(self.prune_freq, int) and self.prune_freq >= 1):
+            raise ValueError(f"`prune_freq` must be an integer >= 1, got {self.prune_freq!r}")
+        if self.attention_unit not in ATTENTION_UNITS:
+            raise ValueError(f"`attention_unit` must be one of {ATTENTION_UNITS}, got {self.attention_unit!r}")
+        if self.pruning_criterion not in CRITERIA:
+            raise ValueError(f"`pruning_criterion` must be one of {sorted(CRITERIA)}, got {self.pruning_criterion!r}")
+        if self.score_form not in SCORE_FORMS:
+            raise ValueError(f"`score_form` must be one of {SCORE_FORMS}, got {self.score_form!r}")
+        if self.pruning_schedule not in SCHEDULES:
+            raise ValueError(f"`pruning_schedule` must be one of {SCHEDULES}, got {self.pruning_schedule!r}")
+        for name in ("pruning_warmup_ratio", "pruning_cooldown_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {value}")
+        if self.pruning_warmup_ratio + self.pruning_cooldown_ratio >= 1.0:
+            raise ValueError(
+                "`pruning_warmup_ratio + pruning_cooldown_ratio` must be < 1 so that some steps prune, got "
+                f"{self.pruning_warmup_ratio} + {self.pruning_cooldown_ratio}"
+            )
+        super().__post_init__()
+
+    @property
+    def attention_ratio(self) -> float:
+        return self.pruning_ratio if self.attention_pruning_ratio is None else self.attention_pruning_ratio
+
+    @property
+    def mlp_ratio(self) -> float:
+        return self.pruning_ratio if self.mlp_pruning_ratio is None else self.mlp_pruning_ratio
+
+    def pruning_settings(self) -> dict:
+        """The fields that define a pruning run (recorded in reports and checked on resume)."""
+        names = [
+            "pruning_ratio", "attention_pruning_ratio", "mlp_pruning_ratio", "attention_unit", "pruning_criterion",
+            "score_form", "normalize_scores", "ema_lambda", "prune_freq", "pruning_schedule",
+            "pruning_warmup_ratio", "pruning_cooldown_ratio",
+        ]
+        return {n: getattr(self, n) for n in names}

@@ -1,0 +1,142 @@
+"""Importance criteria: ``score(structure) -> {group name: Tensor[num_units]}``.
+
+Criteria only compute numbers; masking and cutting live in ``masks.py`` and ``export.py``.
+
+LoRAPrune (Zhang et al., 2024). PEFT's LoRA linear computes ``y = x W^T + s (x A^T) B^T`` with
+``W: [out, in]``, ``A: [r, in]``, ``B: [out, r]``. One SGD step of A and B with learning rate 1
+changes ``BA`` by ``-(gB A + B gA - gB gA)``, so the gradient of the merged weight is estimated as
+
+    G = gB A + B gA - gB gA                                   (Eq. 7-9)
+
+and the importance of every element of the merged weight ``W' = W + s B A`` as
+
+    I = (G * W')^2            (Eq. 10; ``score_form="abs"`` uses |G * W'| like the authors' code)
+
+A unit's importance is the sum of ``I`` over every weight it owns (Eq. 4); the trainer keeps an
+exponential moving average of it across optimizer steps (Eq. 11).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .structure import ROWS, GroupMember, ModelStructure, UnitGroup
+
+SCORE_FORMS = ("square", "abs")
+
+# Largest [chunk, in] float32 temporary built while scoring one matrix (64 MiB).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def dense_base_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight ``W: [out, in]`` of a (LoRA-wrapped, possibly 8/4-bit) linear, as float32."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    weight = base.weight
+    if weight.__class__.__name__ in ("Int8Params", "Params4bit"):
+        from peft.utils.integrations import dequantize_module_weight
+
+        weight = dequantize_module_weight(base)
+    return weight.detach().float()
+
+
+def lora_parts(module: nn.Module, adapter_name: str | None = None):
+    """``(A [r, in], B [out, r], scaling)`` of the active adapter of a PEFT LoRA layer, or ``None``."""
+    if not hasattr(module, "lora_A"):
+        return None
+    if adapter_name is None:
+        active = getattr(module, "active_adapters", None) or ["default"]
+        adapter_name = active[0]
+    if adapter_name not in module.lora_A:
+        return None
+    return module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight, module.scaling[adapter_name]
+
+
+def estimated_weight_grad(a, b, grad_a, grad_b):
+    """``G = gB A + B gA - gB gA``: [out, in] from A, gA: [r, in] and B, gB: [out, r] (Eq. 7-9)."""
+    return grad_b @ a + b @ grad_a - grad_b @ grad_a
+
+
+def lora_importance(
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    grad_a: torch.Tensor,
+    grad_b: torch.Tensor,
+    score_form: str = "square",
+) -> torch.Tensor:
+    """Element importance ``(G * (W + s B A))^2`` (or ``abs``): [out, in], all inputs float32."""
+    merged = weight + scaling * (b @ a)
+    prod = estimated_weight_grad(a, b, grad_a, grad_b) * merged
+    return prod.square() if score_form == "square" else prod.abs()
+
+
+@torch.no_grad()
+def lora_member_scores(module: nn.Module, member: GroupMember, num_units: int, score_form: str) -> torch.Tensor:
+    """Eq. 10 summed over each unit's block of ``member``: Tensor[num_units], float32.
+
+    Row chunks keep the temporary at most ``_CHUNK_ELEMENTS``; the base weight's gradient is
+    never requested from autograd.
+    """
+    parts = lora_parts(module)
+    if parts is None:
+        raise ValueError(f"{type(module).__name__} has no LoRA adapter; LoRAPrune needs one on every member.")
+    a_param, b_param, scaling = parts
+    if a_param.grad is None or b_param.grad is None:
+        raise RuntimeError("LoRA gradients are missing; scores must be computed before optimizer.zero_grad().")
+    a, b = a_param.detach().float(), b_param.detach().float()
+    grad_a, grad_b = a_param.grad.detach().float(), b_param.grad.detach().float()
+    weight = dense_base_weight(module).to(a.device)
+    out_features, in_features = weight.shape
+    chunk = max(1, _CHUNK_ELEMENTS // in_features)
+    per_index = torch.zeros(weight.shape[member.dim], dtype=torch.float32, device=a.device)
+    for start in range(0, out_features, chunk):
+        rows = slice(start, min(start + chunk, out_features))
+        imp = lora_importance(weight[rows], a, b[rows], scaling, grad_a, grad_b[rows], score_form)  # [chunk, in]
+        if member.dim == ROWS:
+            per_index[rows] = imp.sum(dim=1)
+        else:
+            per_index += imp.sum(dim=0)
+    return per_index.view(num_units, member.unit_size).sum(dim=1)
+
+
+def combine_member_scores(member_scores: list[torch.Tensor], normalize: bool) -> torch.Tensor:
+    """Sum the per-matrix unit scores of one group (Eq. 4); with ``normalize`` each matrix's vector
+    is first divided by its L2 norm (the authors' code), so no single matrix dominates."""
+    if normalize:
+        member_scores = [s / s.norm().clamp_min(torch.finfo(s.dtype).tiny) for s in member_scores]
+    return torch.stack(member_scores).sum(dim=0)
+
+
+class LoRACriterion:
+    """LoRA-guided importance (Eq. 10) from the LoRA matrices' accumulated gradients."""
+
+    name = "lora"
+    needs_gradients = True
+
+    def __init__(self, score_form: str = "square", normalize: bool = False):
+        if score_form not in SCORE_FORMS:
+            raise ValueError(f"`score_form` must be one of {SCORE_FORMS}, got {score_form!r}")
+        self.score_form = score_form
+        self.normalize = normalize
+
+    def group_scores(self, structure: ModelStructure, group: UnitGroup) -> torch.Tensor:
+        scores = [
+            lora_member_scores(structure.module(group, m), m, group.num_units, self.score_form) for m in group.members
+        ]
+        return combine_member_scores(scores, self.normalize)
+
+    @torch.no_grad()
+    def score(self, structure: ModelStructure) -> dict[str, torch.Tensor]:
+        """Scores of every group, layer by layer: ``{group.name: Tensor[num_units]}``."""
+        return {g.name: self.group_scores(structure, g) for g in structure.groups()}
+
+
+CRITERIA = {"lora": LoRACriterion}
+
+
+def build_criterion(name: str, score_form: str = "square", normalize: bool = False):
+    if name not in CRITERIA:
+        raise ValueError(f"`pruning_criterion` must be one of {sorted(CRITERIA)}, got {name!r}")
+    return CRITERIA[name](score_form=score_form, normalize=normalize)

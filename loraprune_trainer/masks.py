@@ -1,0 +1,165 @@
+"""Pruning state (moving-average scores and keep-masks) and the hooks that apply the masks.
+
+Invariant: the masked model computes exactly what the physically pruned model computes. The
+masks zero the *inputs* of ``o_proj`` (per head) and ``down_proj`` (per channel), which is the same
+as deleting those columns of the base weight and of LoRA's ``A``; zeroing q/k alone would not do
+(softmax of zero logits is uniform, so the head would still average V). Masks only grow.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .structure import COLUMNS, ModelStructure, UnitGroup
+
+
+class PruningState:
+    """Per group: ``keep[name]`` BoolTensor[num_units] and ``scores[name]`` float32 [num_units]
+    (the moving average of Eq. 11: ``S <- lambda S + (1 - lambda) I``)."""
+
+    def __init__(self, structure: ModelStructure):
+        self.structure = structure
+        self.groups = {g.name: g for g in structure.groups()}
+        self.keep = {n: torch.ones(g.num_units, dtype=torch.bool) for n, g in self.groups.items()}
+        self.scores = {n: torch.zeros(g.num_units, dtype=torch.float32) for n, g in self.groups.items()}
+        self.num_score_updates = 0
+        self.version = 0  # bumped whenever a mask changes, so hooks refresh their cached tensors
+
+    # -- scores --------------------------------------------------------------------------------
+    def update_scores(self, new_scores: dict[str, torch.Tensor], ema_lambda: float) -> bool:
+        """Fold one step's scores into the moving average; skip (return False) if any is not finite."""
+        bad = [n for n, s in new_scores.items() if not torch.isfinite(s).all()]
+        if bad:
+            warnings.warn(
+                f"Skipping an importance update: non-finite scores in {bad[:3]}{'...' if len(bad) > 3 else ''}.",
+                stacklevel=2,
+            )
+            return False
+        for name, s in new_scores.items():
+            s = s.detach().float().cpu()
+            self.scores[name].mul_(ema_lambda).add_(s, alpha=1.0 - ema_lambda)
+        self.num_score_updates += 1
+        return True
+
+    # -- masks ---------------------------------------------------------------------------------
+    def num_pruned(self, name: str) -> int:
+        return int((~self.keep[name]).sum())
+
+    def prune_to(self, name: str, count: int) -> list[int]:
+        """Grow the mask of group ``name`` until ``count`` units are pruned, removing the lowest
+        moving-average scores among the units still kept. Returns the newly pruned indices.
+
+        Units that share a key/value head are pruned evenly: ``count / num_kv_groups`` per KV group.
+        """
+        group = self.groups[name]
+        keep, scores = self.keep[name], self.scores[name]
+        # One block per KV group when units share KV heads, else a single block of all units.
+        per_block = group.units_per_kv_group if group.units_per_kv_group > 1 else group.num_units
+        num_blocks = group.num_units // per_block
+        if count % num_blocks:
+            raise ValueError(f"{name}: {count} units cannot be split evenly over {num_blocks} KV groups")
+        target_per_block = count // num_blocks
+        blocks, block_scores = keep.view(num_blocks, per_block), scores.view(num_blocks, per_block)
+        newly = []
+        for b in range(blocks.shape[0]):
+            need = target_per_block - int((~blocks[b]).sum())
+            if need <= 0:
+                continue  # masks only grow
+            candidates = block_scores[b].masked_fill(~blocks[b], float("inf"))
+            order = torch.argsort(candidates, stable=True)[:need]
+            blocks[b, order] = False
+            newly.extend((b * blocks.shape[1] + order).tolist())
+        if newly:
+            self.version += 1
+        return sorted(newly)
+
+    def kept_indices(self, name: str) -> torch.Tensor:
+        return self.keep[name].nonzero().flatten()
+
+    # -- (de)serialisation for checkpoints -----------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"keep.{n}": k.clone() for n, k in self.keep.items()}
+        out.update({f"scores.{n}": s.clone() for n, s in self.scores.items()})
+        out["num_score_updates"] = torch.tensor(self.num_score_updates)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for n in self.groups:
+            if self.keep[n].shape != state[f"keep.{n}"].shape:
+                raise ValueError(f"Saved mask for {n} has shape {tuple(state[f'keep.{n}'].shape)}, expected "
+                                 f"{tuple(self.keep[n].shape)}: it was made for a different model or attention unit.")
+            self.keep[n].copy_(state[f"keep.{n}"].bool())
+            self.scores[n].copy_(state[f"scores.{n}"].float())
+        self.num_score_updates = int(state["num_score_updates"])
+        self.version += 1
+
+    # -- summaries -----------------------------------------------------------------------------
+    def sparsity(self, kind: str) -> float:
+        names = [n for n, g in self.groups.items() if g.kind == kind]
+        total = sum(self.groups[n].num_units for n in names)
+        return sum(self.num_pruned(n) for n in names) / max(total, 1)
+
+    def pruned_heads(self) -> int:
+        return sum(self.num_pruned(n) * g.heads_per_unit for n, g in self.groups.items() if g.kind == "attention")
+
+    def pruned_channels(self) -> int:
+        return sum(self.num_pruned(n) for n, g in self.groups.items() if g.kind == "mlp")
+
+    def removed_parameters(self) -> int:
+        """Base-model parameters (weights and biases) that cutting the pruned units removes."""
+        removed = 0
+        for name, group in self.groups.items():
+            pruned = self.num_pruned(name)
+            if not pruned:
+                continue
+            for member in group.members:
+                module = self.structure.module(group, member)
+                base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+                other = base.in_features if member.dim != COLUMNS else base.out_features
+                removed += pruned * member.unit_size * other
+                if member.dim != COLUMNS and getattr(base, "bias", None) is not None:
+                    removed += pruned * member.unit_size
+        return removed
+
+
+def _expanded_mask(group: UnitGroup, keep: torch.Tensor, member_unit_size: int) -> torch.Tensor:
+    return keep.repeat_interleave(member_unit_size)  # [num_units * unit_size] = [in_features]
+
+
+class MaskHooks:
+    """Forward pre-hooks that zero the input columns of every group's column member
+    (``o_proj`` per head, ``down_proj`` per channel). Remove with :meth:`remove`."""
+
+    def __init__(self, state: PruningState):
+        self.state = state
+        self.handles = []
+        self._cache: dict[tuple, torch.Tensor] = {}
+        for name, group in state.groups.items():
+            for member in group.members:
+                if member.dim == COLUMNS:
+                    module = state.structure.module(group, member)
+                    self.handles.append(module.register_forward_pre_hook(self._make_hook(name, group, member)))
+
+    def _make_hook(self, name: str, group: UnitGroup, member):
+        def hook(module: nn.Module, args):
+            x = args[0]
+            if bool(self.state.keep[name].all()):
+                return None
+            key = (name, self.state.version, x.device, x.dtype)
+            mask = self._cache.get(key)
+            if mask is None:
+                self._cache = {k: v for k, v in self._cache.items() if k[1] == self.state.version}
+                mask = _expanded_mask(group, self.state.keep[name], member.unit_size).to(x.device, x.dtype)
+                self._cache[key] = mask
+            return (x * mask, *args[1:])  # [..., in_features] * [in_features]
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self._cache.clear()

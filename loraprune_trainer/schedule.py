@@ -1,0 +1,94 @@
+"""How many units are pruned at each optimizer step: pure functions of the step.
+
+Cubic schedule (Zhu & Gupta, 2017), as in the LoRAPrune code, in three phases over ``total_steps``:
+
+1. steps ``[0, ramp_start)``: nothing pruned (warm-up);
+2. steps ``[ramp_start, ramp_end]``: progress ``1 - (1 - t)^3`` with ``t`` going 0 -> 1;
+3. steps ``[ramp_end, total_steps]``: the full target is pruned (cool-down, recovery).
+
+Masks are updated every ``prune_freq`` steps inside the ramp and always at ``ramp_end``, so the
+target is reached exactly (the authors' code stops one unit short). ``one_shot`` prunes the whole
+target at the first step of phase 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .structure import UnitGroup
+
+SCHEDULES = ("cubic", "one_shot")
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def final_prune_count(group: UnitGroup, ratio: float) -> int:
+    """Units of ``group`` to prune for ``ratio``, rounded to what the group's layout allows.
+
+    Units sharing one key/value head (``query_head`` under GQA) are removed evenly from every KV
+    group so that heads-per-KV stays uniform; at least one unit (per KV group) always remains.
+    """
+    per_kv = group.units_per_kv_group
+    num_kv_groups = group.num_units // per_kv
+    per_group = min(_round_half_up(ratio * per_kv), per_kv - 1) if per_kv > 1 else None
+    if per_group is not None:
+        return per_group * num_kv_groups
+    return min(_round_half_up(ratio * group.num_units), group.num_units - 1)
+
+
+def scheduled_prune_count(group: UnitGroup, final_count: int, progress: float) -> int:
+    """Units pruned at ``progress`` in [0, 1] on the way to ``final_count`` (a multiple of the number
+    of KV groups when units share KV heads); exactly ``final_count`` at progress 1."""
+    assert 0.0 <= progress <= 1.0, progress
+    num_kv_groups = group.num_units // group.units_per_kv_group
+    if group.units_per_kv_group > 1:
+        per_group = final_count // num_kv_groups
+        return _round_half_up(progress * per_group) * num_kv_groups
+    return _round_half_up(progress * final_count)
+
+
+@dataclass(frozen=True)
+class PruningSchedule:
+    """When masks change. Steps are optimizer steps counted from 1 (``state.global_step`` after
+    the step), so step ``total_steps`` is the last one."""
+
+    total_steps: int
+    prune_freq: int = 10
+    warmup_ratio: float = 0.1
+    cooldown_ratio: float = 0.1
+    kind: str = "cubic"
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.kind!r}")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+
+    @property
+    def ramp_start(self) -> int:
+        return max(1, _round_half_up(self.warmup_ratio * self.total_steps))
+
+    @property
+    def ramp_end(self) -> int:
+        if self.kind == "one_shot":
+            return self.ramp_start
+        end = self.total_steps - _round_half_up(self.cooldown_ratio * self.total_steps)
+        return min(self.total_steps, max(end, self.ramp_start))
+
+    def progress(self, step: int) -> float:
+        """Fraction of the final prune count reached after optimizer step ``step``."""
+        if step < self.ramp_start:
+            return 0.0
+        if step >= self.ramp_end:
+            return 1.0
+        t = (step - self.ramp_start) / (self.ramp_end - self.ramp_start)
+        return 1.0 - (1.0 - t) ** 3
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether masks are recomputed after optimizer step ``step``."""
+        if step < self.ramp_start or step > self.ramp_end:
+            return False
+        return step == self.ramp_end or (step - self.ramp_start) % self.prune_freq == 0

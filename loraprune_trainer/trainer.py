@@ -1,0 +1,203 @@
+"""`LoRAPruneTrainer`: TRL's `SFTTrainer` that prunes heads and MLP channels while LoRA trains."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+from transformers import AutoConfig
+from trl import SFTTrainer
+
+from .callback import LoRAPruneCallback, update_masks
+from .config import LoRAPruneConfig
+from .criterion import build_criterion
+from .masks import MaskHooks, PruningState
+from .schedule import PruningSchedule, final_prune_count
+from .structure import check_supported_config, discover_structure, lora_coverage_problems
+
+logger = logging.getLogger(__name__)
+
+
+def _model_config(model, args):
+    """The config of ``model`` (an instance or a Hub id / local path) without loading weights."""
+    if isinstance(model, (str, os.PathLike)):
+        init = dict(args.model_init_kwargs or {})
+        kwargs = {k: init[k] for k in ("revision", "gguf_file", "trust_remote_code") if k in init}
+        config = AutoConfig.from_pretrained(str(model), **kwargs)
+    else:
+        config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _preflight(model, args: LoRAPruneConfig, peft_config) -> None:
+    """Every check that needs no weights, so bad input fails before data processing or training."""
+    check_supported_config(_model_config(model, args))
+    existing = getattr(model, "peft_config", None) if not isinstance(model, (str, os.PathLike)) else None
+    lora = peft_config if peft_config is not None else (next(iter(existing.values())) if existing else None)
+    if lora is None:
+        raise ValueError(
+            "LoRAPrune scores units from LoRA gradients: pass `peft_config=LoraConfig(target_modules=\"all-linear\", "
+            "task_type=\"CAUSAL_LM\")` (or a PeftModel with a LoRA adapter)."
+        )
+    if getattr(lora, "peft_type", None) is None or str(lora.peft_type.value if hasattr(lora.peft_type, "value")
+                                                         else lora.peft_type) != "LORA":
+        raise ValueError(f"LoRAPrune needs a LoRA adapter, got peft_type={getattr(lora, 'peft_type', None)}.")
+    if getattr(lora, "use_dora", False):
+        raise ValueError("DoRA adapters are not supported: set `use_dora=False`.")
+    if args.pruning_criterion == "lora":
+        missing = lora_coverage_problems(lora.target_modules)
+        if missing:
+            raise ValueError(
+                f"LoRA does not target {missing}: the LoRA criterion needs an adapter on every projection a unit "
+                "spans (q, k, v, o, gate, up, down). Use `target_modules=\"all-linear\"`."
+            )
+    if args.max_steps and args.max_steps > 0:
+        _check_schedule(args, args.max_steps)
+
+
+def _check_schedule(args: LoRAPruneConfig, total_steps: int) -> PruningSchedule:
+    schedule = PruningSchedule(total_steps, args.prune_freq, args.pruning_warmup_ratio, args.pruning_cooldown_ratio,
+                               args.pruning_schedule)
+    ramp = schedule.ramp_end - schedule.ramp_start
+    if schedule.kind == "cubic" and ramp > 0 and args.prune_freq > ramp:
+        raise ValueError(
+            f"`prune_freq`={args.prune_freq} is longer than the pruning ramp (steps {schedule.ramp_start}.."
+            f"{schedule.ramp_end} of {total_steps}): the cubic schedule would jump straight to the target. Lower "
+            "`prune_freq`, train longer, or set `pruning_schedule=\"one_shot\"`."
+        )
+    return schedule
+
+
+class LoRAPruneTrainer(SFTTrainer):
+    """Drop-in replacement for :class:`trl.SFTTrainer` that prunes while LoRA fine-tunes.
+
+    Same constructor as ``SFTTrainer``; ``args`` is a :class:`LoRAPruneConfig`. After ``train()``,
+    :meth:`save_pruned_model` writes the compacted model with LoRA merged.
+    """
+
+    _tag_names = ["trl", "sft", "loraprune"]
+
+    def __init__(self, model, args: LoRAPruneConfig | None = None, *pos, peft_config=None, **kwargs):
+        if args is None:
+            args = LoRAPruneConfig(output_dir="loraprune-output")
+        if not isinstance(args, LoRAPruneConfig):
+            raise TypeError(f"`args` must be a LoRAPruneConfig, got {type(args).__name__}.")
+        _preflight(model, args, peft_config)
+        super().__init__(model, args, *pos, peft_config=peft_config, **kwargs)
+
+        self.structure = discover_structure(self.model, args.attention_unit)
+        missing = sorted({m.module for g in self.structure.groups() for m in g.members
+                          if not hasattr(self.structure.module(g, m), "lora_A")})
+        if missing and args.pruning_criterion == "lora":
+            raise ValueError(f"No LoRA adapter on {missing}; use `target_modules=\"all-linear\"`.")
+        self.pruning_state = PruningState(self.structure)
+        self.mask_hooks = MaskHooks(self.pruning_state)
+        self.criterion = build_criterion(args.pruning_criterion, args.score_form, args.normalize_scores)
+        self.final_prune_counts = {
+            g.name: final_prune_count(g, args.attention_ratio if g.kind == "attention" else args.mlp_ratio)
+            for g in self.structure.groups()
+        }
+        self._warn_about_rounding()
+        self._params_before = count_base_parameters(self.model)
+        self.pruning_callback = LoRAPruneCallback(self)
+        self.add_callback(self.pruning_callback)
+
+    # -- pruning plumbing used by the callback ---------------------------------------------------
+    def make_schedule(self, total_steps: int) -> PruningSchedule:
+        return _check_schedule(self.args, total_steps)
+
+    def apply_schedule(self, progress: float) -> dict[str, list[int]]:
+        changed = update_masks(self.pruning_state, self.final_prune_counts, progress)
+        if changed:
+            logger.info("LoRAPrune: pruned %d units in %d groups (progress %.3f)",
+                        sum(len(v) for v in changed.values()), len(changed), progress)
+        return changed
+
+    def target_summary(self) -> dict:
+        """Requested and achieved (after rounding) unit counts per layer."""
+        attn = self.structure.attention[0]
+        mlp = self.structure.mlp[0]
+        return {
+            "attention_unit": self.structure.attention_unit,
+            "attention_units_per_layer": attn.num_units,
+            "attention_units_pruned_per_layer": self.final_prune_counts[attn.name],
+            "attention_requested_ratio": self.args.attention_ratio,
+            "attention_achieved_ratio": self.final_prune_counts[attn.name] / attn.num_units,
+            "heads_pruned_per_layer": self.final_prune_counts[attn.name] * attn.heads_per_unit,
+            "mlp_channels_per_layer": mlp.num_units,
+            "mlp_channels_pruned_per_layer": self.final_prune_counts[mlp.name],
+            "mlp_requested_ratio": self.args.mlp_ratio,
+            "mlp_achieved_ratio": self.final_prune_counts[mlp.name] / mlp.num_units,
+        }
+
+    def _warn_about_rounding(self) -> None:
+        s = self.target_summary()
+        for kind, unit in (("attention", "attention units"), ("mlp", "MLP channels")):
+            requested, achieved = s[f"{kind}_requested_ratio"], s[f"{kind}_achieved_ratio"]
+            if abs(requested - achieved) > 1e-3:
+                total = s["attention_units_per_layer"] if kind == "attention" else s["mlp_channels_per_layer"]
+                pruned = s["attention_units_pruned_per_layer"] if kind == "attention" else s[
+                    "mlp_channels_pruned_per_layer"]
+                warnings.warn(
+                    f"{kind} pruning ratio {requested:g} rounds to {pruned} of {total} {unit} per layer "
+                    f"({achieved:.1%}) with attention_unit={self.structure.attention_unit!r} "
+                    f"({self.structure.num_heads} query heads over {self.structure.num_kv_heads} KV heads).",
+                    stacklevel=3,
+                )
+
+    # -- metrics -----------------------------------------------------------------------------------
+    def pruning_metrics(self) -> dict[str, float]:
+        params_after = self._params_before - self.pruning_state.removed_parameters()
+        return {
+            "prune/attention_sparsity": self.pruning_state.sparsity("attention"),
+            "prune/mlp_sparsity": self.pruning_state.sparsity("mlp"),
+            "prune/heads_pruned": self.pruning_state.pruned_heads(),
+            "prune/channels_pruned": self.pruning_state.pruned_channels(),
+            "prune/params": params_after,
+            "prune/params_ratio": params_after / self._params_before,
+        }
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # training logs only, so eval logs keep their own keys
+            logs = {**logs, **self.pruning_metrics()}
+        super().log(logs, start_time)
+
+    # -- export ------------------------------------------------------------------------------------
+    def save_pruned_model(self, output_dir: str, dtype: torch.dtype | str | None = None, verify: bool = True) -> dict:
+        """Cut the masked units, merge LoRA, and write a checkpoint that stock
+        ``AutoModelForCausalLM.from_pretrained`` loads, plus tokenizer and ``pruning_report.json``.
+        Only the main process writes. Returns the report."""
+        from .export import save_pruned_model
+
+        report = None
+        if self.args.should_save:
+            report = save_pruned_model(
+                self.model, self.pruning_state, output_dir, tokenizer=self.processing_class, dtype=dtype,
+                settings={**self.args.pruning_settings(), **self.target_summary()}, verify=verify,
+            )
+        self.accelerator.wait_for_everyone()
+        return report
+
+    def save_pruning_adapter(self, output_dir: str) -> None:
+        """The reference format: the LoRA adapter plus ``pruning_masks.safetensors``, to load back
+        onto the original base model with :func:`loraprune_trainer.export.load_masked_model`."""
+        from .export import save_adapter_and_masks
+
+        if self.args.should_save:
+            save_adapter_and_masks(self.model, self.pruning_state, output_dir, self.args.pruning_settings())
+        self.accelerator.wait_for_everyone()
+
+
+def count_base_parameters(model) -> int:
+    """Parameters of the base model, LoRA excluded, tied weights counted once."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if "lora_" in name or id(p) in seen:
+            continue
+        seen.add(id(p))
+        # Int8/4-bit params store packed data; count the logical shape where known.
+        total += p.numel() if not hasattr(p, "quant_state") else int(torch.Size(p.quant_state.shape).numel())
+    return total
+
