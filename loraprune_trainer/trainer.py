@@ -95,6 +95,8 @@ class LoRAPruneTrainer(SFTTrainer):
         self.pruning_state = PruningState(self.structure)
         self.mask_hooks = MaskHooks(self.pruning_state)
         self.criterion = build_criterion(args.pruning_criterion, args.score_form, args.normalize_scores)
+        if hasattr(self.criterion, "setup"):  # criteria that need hooks or extra gradients install them here
+            self.criterion.setup(self)
         self.final_prune_counts = {
             g.name: final_prune_count(g, args.attention_ratio if g.kind == "attention" else args.mlp_ratio)
             for g in self.structure.groups()
