@@ -14,6 +14,7 @@ import tempfile
 from importlib.metadata import version
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -106,7 +107,7 @@ def _loadable_head_count(config, num_kv: int, heads_per_kv: int) -> tuple[int, o
         candidate.update(num_attention_heads=num_kv * per_kv, num_key_value_heads=num_kv)
         try:
             return per_kv, type(config).from_dict(candidate)
-        except (ValueError, TypeError) as err:  # strict config validation
+        except (ValueError, TypeError, StrictDataclassError) as err:  # strict config validation
             errors.append(str(err))
     raise ExportError(
         f"{type(config).__name__} accepts no head count for {num_kv} KV heads with {heads_per_kv} query heads each "
