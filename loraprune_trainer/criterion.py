@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributed import full_tensor
 from .structure import ROWS, GroupMember, ModelStructure, UnitGroup
 
 SCORE_FORMS = ("square", "abs")
@@ -37,7 +38,7 @@ def dense_base_weight(module: nn.Module) -> torch.Tensor:
         from peft.utils.integrations import dequantize_module_weight
 
         weight = dequantize_module_weight(base)
-    return weight.detach().float()
+    return full_tensor(weight.detach()).float()  # FSDP2 shards are gathered, one matrix at a time
 
 
 def lora_parts(module: nn.Module, adapter_name: str | None = None):
@@ -85,8 +86,9 @@ def lora_member_scores(module: nn.Module, member: GroupMember, num_units: int, s
     a_param, b_param, scaling = parts
     if a_param.grad is None or b_param.grad is None:
         raise RuntimeError("LoRA gradients are missing; scores must be computed before optimizer.zero_grad().")
-    a, b = a_param.detach().float(), b_param.detach().float()
-    grad_a, grad_b = a_param.grad.detach().float(), b_param.grad.detach().float()
+    # Under FSDP2 parameters and gradients are DTensor shards: gather this matrix's (collective).
+    a, b = full_tensor(a_param.detach()).float(), full_tensor(b_param.detach()).float()
+    grad_a, grad_b = full_tensor(a_param.grad.detach()).float(), full_tensor(b_param.grad.detach()).float()
     weight = dense_base_weight(module).to(a.device)
     out_features, in_features = weight.shape
     chunk = max(1, _CHUNK_ELEMENTS // in_features)
@@ -134,6 +136,12 @@ class LoRACriterion:
 
 
 CRITERIA = {"lora": LoRACriterion}
+
+# The comparison criteria (vanilla, magnitude, wanda, random) register here; imported last because
+# they reuse this module's helpers.
+from .baselines import BASELINE_CRITERIA  # noqa: E402
+
+CRITERIA.update(BASELINE_CRITERIA)
 
 
 def build_criterion(name: str, score_form: str = "square", normalize: bool = False):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 
@@ -13,7 +14,9 @@ from trl import SFTTrainer
 from .callback import LoRAPruneCallback, update_masks
 from .config import LoRAPruneConfig
 from .criterion import build_criterion
+from .distributed import check_distributed_backend
 from .masks import MaskHooks, PruningState
+from .resume import check_total_steps, load_pruning_checkpoint, resolve_checkpoint, save_pruning_checkpoint
 from .schedule import PruningSchedule, final_prune_count
 from .structure import check_supported_config, discover_structure, lora_coverage_problems
 
@@ -31,8 +34,10 @@ def _model_config(model, args):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _preflight(model, args: LoRAPruneConfig, peft_config) -> None:
+def _preflight(model, args: LoRAPruneConfig, peft_config, train_dataset=None, formatting_func=None) -> None:
     """Every check that needs no weights, so bad input fails before data processing or training."""
+    _check_output_dir(args)
+    _check_dataset_columns(train_dataset, args, formatting_func)
     check_supported_config(_model_config(model, args))
     existing = getattr(model, "peft_config", None) if not isinstance(model, (str, os.PathLike)) else None
     lora = peft_config if peft_config is not None else (next(iter(existing.values())) if existing else None)
@@ -55,6 +60,44 @@ def _preflight(model, args: LoRAPruneConfig, peft_config) -> None:
             )
     if args.max_steps and args.max_steps > 0:
         _check_schedule(args, args.max_steps)
+
+
+def _check_output_dir(args: LoRAPruneConfig) -> None:
+    """``output_dir`` (or the nearest folder above it that exists) must be writable: checkpoints and
+    the pruned model go there, and finding out at the first save wastes the run."""
+    if not args.should_save:  # only the main process writes there
+        return
+    folder = os.path.abspath(args.output_dir)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"`output_dir`={args.output_dir!r} is not writable ({folder!r} is not a writable folder): checkpoints "
+            "and the pruned model could not be saved. Choose a writable `output_dir`."
+        )
+
+
+# Columns SFTTrainer can train on without a `formatting_func`: language modelling, conversational,
+# prompt-completion, and already tokenized data.
+_SFT_COLUMN_SETS = (("messages",), ("prompt", "completion"), ("prompt",), ("input_ids",))
+
+
+def _check_dataset_columns(dataset, args: LoRAPruneConfig, formatting_func=None) -> None:
+    """The training dataset has a column SFTTrainer knows how to turn into tokens."""
+    if dataset is None or formatting_func is not None or (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+        return
+    datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
+    for ds in datasets:
+        columns = getattr(ds, "column_names", None)
+        if not columns:  # an IterableDataset may not know its columns before iterating
+            continue
+        if args.dataset_text_field in columns or any(all(c in columns for c in s) for s in _SFT_COLUMN_SETS):
+            continue
+        raise ValueError(
+            f"The training dataset has columns {list(columns)}, none of which SFTTrainer can train on: it needs "
+            f"`{args.dataset_text_field}` (set `dataset_text_field` to your text column), `messages`, "
+            "`prompt`/`completion`, or `input_ids`; or pass a `formatting_func`."
+        )
 
 
 def _check_schedule(args: LoRAPruneConfig, total_steps: int) -> PruningSchedule:
@@ -84,8 +127,12 @@ class LoRAPruneTrainer(SFTTrainer):
             args = LoRAPruneConfig(output_dir="loraprune-output")
         if not isinstance(args, LoRAPruneConfig):
             raise TypeError(f"`args` must be a LoRAPruneConfig, got {type(args).__name__}.")
-        _preflight(model, args, peft_config)
+        # SFTTrainer(model, args, data_collator, train_dataset, ...): the dataset may come positionally.
+        train_dataset = kwargs.get("train_dataset", pos[1] if len(pos) > 1 else None)
+        _preflight(model, args, peft_config, train_dataset, kwargs.get("formatting_func"))
         super().__init__(model, args, *pos, peft_config=peft_config, **kwargs)
+        check_distributed_backend(self)
+        self._resume_meta = None  # settings of the checkpoint this run resumed from, checked at train begin
 
         self.structure = discover_structure(self.model, args.attention_unit)
         missing = sorted({m.module for g in self.structure.groups() for m in g.members
@@ -105,9 +152,26 @@ class LoRAPruneTrainer(SFTTrainer):
         self._params_before = count_base_parameters(self.model)
         self.pruning_callback = LoRAPruneCallback(self)
         self.add_callback(self.pruning_callback)
+        if "wandb" in (args.report_to or []):
+            from .wandb_logging import WandbPruningCallback  # wandb is optional: import only when reporting to it
+
+            self.add_callback(WandbPruningCallback(self))
+
+    def create_optimizer(self, model=None):
+        # Criteria that need the base weights' gradients (`vanilla`) make them requires_grad; the
+        # optimizer must still never train them, so hide them while Trainer collects parameters.
+        frozen = list(self.criterion.frozen_parameters()) if hasattr(self.criterion, "frozen_parameters") else []
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return super().create_optimizer(model)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
 
     # -- pruning plumbing used by the callback ---------------------------------------------------
     def make_schedule(self, total_steps: int) -> PruningSchedule:
+        check_total_steps(self._resume_meta, total_steps)
         return _check_schedule(self.args, total_steps)
 
     def apply_schedule(self, progress: float) -> dict[str, list[int]]:
@@ -164,7 +228,29 @@ class LoRAPruneTrainer(SFTTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs only, so eval logs keep their own keys
             logs = {**logs, **self.pruning_metrics()}
+        if "eval_loss" in logs:  # mean token NLL -> perplexity (inf rather than an overflow error)
+            logs = {**logs, "eval_perplexity": math.exp(min(logs["eval_loss"], 700.0))}
         super().log(logs, start_time)
+
+    # -- checkpoints: masks, scores and settings travel with every checkpoint-N ------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *pos, **kwargs):
+        """``SFTTrainer.train``; when resuming, the masks and moving-average scores are restored from
+        the checkpoint first, and a checkpoint written with other pruning settings is refused."""
+        folder = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if folder is not None:
+            self._resume_meta = load_pruning_checkpoint(folder, self.pruning_state, self.args.pruning_settings())
+            logger.info("LoRAPrune: restored masks and scores from %s (%d score updates)", folder,
+                        self.pruning_state.num_score_updates)
+        return super().train(folder if folder is not None else resume_from_checkpoint, *pos, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        # Written before Trainer's files, so a folder with trainer_state.json always has the pruning state.
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_pruning_checkpoint(folder, self.pruning_state, self.args.pruning_settings(), self.state.max_steps)
+        super()._save_checkpoint(model, trial)
 
     # -- export ------------------------------------------------------------------------------------
     def save_pruned_model(self, output_dir: str, dtype: torch.dtype | str | None = None, verify: bool = True) -> dict:
@@ -179,6 +265,10 @@ class LoRAPruneTrainer(SFTTrainer):
                 self.model, self.pruning_state, output_dir, tokenizer=self.processing_class, dtype=dtype,
                 settings={**self.args.pruning_settings(), **self.target_summary()}, verify=verify,
             )
+            if "wandb" in (self.args.report_to or []):
+                from .wandb_logging import log_report_artifact
+
+                log_report_artifact(output_dir, report)
         self.accelerator.wait_for_everyone()
         return report
 
