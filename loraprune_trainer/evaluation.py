@@ -316,3 +316,38 @@ def perplexity(model, tokenizer, text: str, protocol: str = "llm-pruner", window
     }
     return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "num_tokens_scored": scored,
             "num_windows": len(starts), "protocol": record}
+
+
+def write_result(path: str, result: dict) -> str:
+    """Write ``result`` as JSON to ``path`` atomically (a temporary file in the same folder, then
+    renamed), so a reader never sees half a file. Every perplexity must carry its protocol.
+    Returns the absolute path."""
+    _check_protocols(result)
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _check_protocols(obj, where: str = "result") -> None:
+    """Refuse a ``perplexity`` number that has no ``protocol`` next to it, at any depth."""
+    if isinstance(obj, dict):
+        if "perplexity" in obj and isinstance(obj["perplexity"], (int, float)) and "protocol" not in obj:
+            raise ValueError(f"{where} has a perplexity without its protocol: write what `perplexity()` returned.")
+        for k, v in obj.items():
+            _check_protocols(v, f"{where}[{k!r}]")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_protocols(v, f"{where}[{i}]")

@@ -1,0 +1,211 @@
+"""Evaluation harness: perplexity protocols, text loading, result files, CLI, lm-eval wiring."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraprune_trainer.evaluation import PROTOCOLS, load_text, perplexity, write_result
+from tiny import VOCAB, tiny_model, tiny_text_dataset, tiny_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TASK_DIR = os.path.join(HERE, "data", "lm_eval_tasks")
+
+
+def _text(n: int = 12, length: int = 40, seed: int = 0) -> str:
+    return " ".join(tiny_text_dataset(n, length, seed)["text"])
+
+
+def _hand_perplexity(model, ids: torch.Tensor, window: int) -> tuple[float, int]:
+    """exp(mean NLL) over non-overlapping windows, one window at a time, via log_softmax."""
+    nlls = []
+    with torch.no_grad():
+        for s in range(0, ids.numel() - window + 1, window):
+            w = ids[s:s + window]
+            logp = torch.log_softmax(model(input_ids=w[None]).logits[0].double(), dim=-1)  # [window, vocab]
+            for t in range(window - 1):
+                nlls.append(-logp[t, w[t + 1]].item())
+    return math.exp(sum(nlls) / len(nlls)), len(nlls)
+
+
+# -- perplexity ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("window,batch_size", [(16, 3), (32, 8)])
+def test_perplexity_matches_hand_computation(window, batch_size):
+    model, tok = tiny_model("llama-gqa"), tiny_tokenizer()
+    text = _text()
+    ids = torch.tensor(tok(text)["input_ids"])
+    expected, count = _hand_perplexity(model, ids, window)
+    result = perplexity(model, tok, text, window=window, batch_size=batch_size, show_progress=False)
+    assert result["num_tokens_scored"] == count == (ids.numel() // window) * (window - 1)
+    assert result["num_windows"] == ids.numel() // window
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert result["nll"] == pytest.approx(math.log(expected), rel=1e-5)
+    # A random model is near uniform over the vocabulary, not trivially 1.
+    assert 0.5 * VOCAB < result["perplexity"] < 2 * VOCAB
+
+
+def test_llm_pruner_protocol_uses_128_windows_and_drops_remainder():
+    model, tok = tiny_model("llama-mha"), tiny_tokenizer()
+    text = _text(n=10, length=40)  # 400 tokens: 3 windows of 128, 16 dropped
+    ids = torch.tensor(tok(text)["input_ids"])
+    assert ids.numel() == 400
+    expected, count = _hand_perplexity(model, ids, 128)
+    result = perplexity(model, tok, text, protocol="llm-pruner", show_progress=False)
+    p = result["protocol"]
+    assert (p["name"], p["window"], p["stride"], p["remainder"]) == ("llm-pruner", 128, 128, "dropped")
+    assert (result["num_windows"], result["num_tokens_scored"], p["num_tokens_total"]) == (3, 3 * 127, 400)
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_full_context_protocol_uses_model_context_capped():
+    model, tok = tiny_model("llama-gqa"), tiny_tokenizer()
+    model.config.max_position_embeddings = 64  # only the protocol reads it; RoPE does not depend on it
+    text = _text()
+    result = perplexity(model, tok, text, protocol="full-context", show_progress=False)
+    assert result["protocol"]["window"] == 64 and result["protocol"]["name"] == "full-context"
+    ids = torch.tensor(tok(text)["input_ids"])
+    assert result["perplexity"] == pytest.approx(_hand_perplexity(model, ids, 64)[0], rel=1e-5)
+    big = tiny_model("llama-gqa")
+    big.config.max_position_embeddings = 4096
+    assert perplexity(big, tok, _text(n=60, length=40), protocol="full-context",
+                      show_progress=False)["protocol"]["window"] == PROTOCOLS["full-context"]["context_cap"]
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_protocol_fields_recorded(protocol):
+    model, tok = tiny_model("llama-gqa"), tiny_tokenizer()
+    meta = {"source": "x", "sha256": "abc"}
+    result = perplexity(model, tok, _text(n=16), protocol=protocol, window=None, max_windows=1, metadata=meta,
+                        show_progress=False)
+    p = result["protocol"]
+    for key in ("name", "window", "stride", "bos_at_stream_start", "special_tokens_prepended", "per_window_bos",
+                "dtype", "num_tokens_total", "num_windows_available", "max_windows", "dataset", "versions"):
+        assert key in p, key
+    assert p["name"] == protocol and p["max_windows"] == 1 and result["num_windows"] == 1
+    assert p["num_windows_available"] > 1  # the limit really cut work
+    assert p["dtype"] == "float32" and p["dataset"] == meta and p["per_window_bos"] is False
+    assert p["versions"]["torch"] == torch.__version__
+
+
+def test_bos_prepended_once_is_recorded_and_scored_as_context():
+    model, tok = tiny_model("llama-gqa"), tiny_tokenizer()
+    from tokenizers import processors
+
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    text = _text()
+    ids = torch.tensor(tok(text)["input_ids"])
+    assert ids[0] == 1 and (ids == 1).sum() == 1  # one BOS, at the stream start only
+    result = perplexity(model, tok, text, window=16, show_progress=False)
+    assert result["protocol"]["bos_at_stream_start"] is True
+    assert result["protocol"]["special_tokens_prepended"] == [1]
+    assert result["perplexity"] == pytest.approx(_hand_perplexity(model, ids, 16)[0], rel=1e-5)
+    plain = perplexity(model, tiny_tokenizer(), text, window=16, show_progress=False)
+    assert plain["protocol"]["bos_at_stream_start"] is False and plain["perplexity"] != result["perplexity"]
+
+
+def test_overlapping_stride_scores_every_token_once():
+    model, tok = tiny_model("llama-gqa"), tiny_tokenizer()
+    text = _text(n=4, length=20)  # 80 tokens
+    ids = torch.tensor(tok(text)["input_ids"])
+    result = perplexity(model, tok, text, window=32, stride=16, show_progress=False)
+    # windows at 0, 16, 32, 48: the first scores 31 tokens, each later one its last 16.
+    assert result["num_windows"] == 4 and result["num_tokens_scored"] == 31 + 3 * 16 == ids.numel() - 1
+    nlls = []
+    with torch.no_grad():
+        for s in (0, 16, 32, 48):
+            w = ids[s:s + 32]
+            nll = F.cross_entropy(model(input_ids=w[None]).logits[0, :-1].double(), w[1:], reduction="none")
+            nlls += nll.tolist() if s == 0 else nll[-16:].tolist()
+    assert result["perplexity"] == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
+
+
+def test_perplexity_restores_training_modes():
+    model, tok = tiny_model("llama-gqa"), tiny_tokenizer()
+    model.train()
+    model.model.layers[0].eval()  # a mixed state must come back exactly
+    before = {n: m.training for n, m in model.named_modules()}
+    perplexity(model, tok, _text(), window=16, show_progress=False)
+    assert {n: m.training for n, m in model.named_modules()} == before
+
+
+def test_perplexity_bad_arguments():
+    model, tok = tiny_model("llama-gqa"), tiny_tokenizer()
+    with pytest.raises(ValueError, match="Unknown protocol"):
+        perplexity(model, tok, _text(), protocol="wanda")
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, tok, _text(), window=16, stride=32)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        perplexity(model, tok, "w1 w2 w3", window=16)
+
+
+def test_perplexity_of_peft_model_matches_merged():
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_model("llama-gqa"), tiny_tokenizer()
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    text = _text()
+    result = perplexity(peft_model, tok, text, window=32, show_progress=False)
+    merged = peft_model.merge_and_unload()
+    assert result["perplexity"] == pytest.approx(perplexity(merged, tok, text, window=32,
+                                                            show_progress=False)["perplexity"], rel=1e-5)
+
+
+# -- load_text ----------------------------------------------------------------------------------------
+def test_load_text_raw_file_as_is(tmp_path):
+    raw = " = Title = \n\n line one \n line two\n"
+    path = tmp_path / "wiki.test.raw"
+    path.write_bytes(raw.encode())
+    text, meta = load_text(str(path))
+    assert text == raw
+    assert meta["sha256"] == hashlib.sha256(raw.encode()).hexdigest()
+    assert meta["path"] == str(path) and meta["num_chars"] == len(raw)
+    # A folder resolves to its evaluation file, also one level down.
+    assert load_text(str(tmp_path))[0] == raw
+
+
+def test_load_text_folder_by_split(tmp_path):
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "ptb.valid.txt").write_text("valid text\n")
+    (tmp_path / "ptb" / "ptb.test.txt").write_text("test text\n")
+    assert load_text(str(tmp_path))[0] == "valid text\n"
+    assert load_text(str(tmp_path / "ptb"), split="test")[0] == "test text\n"
+    assert load_text(str(tmp_path / "ptb"), split="valid")[1]["split"] == "valid"
+
+
+def test_load_text_json_and_jsonl(tmp_path):
+    rows = [{"text": "a b"}, {"text": "c"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    assert load_text(str(tmp_path / "d.jsonl"))[0] == "a b\n\nc"
+    assert load_text(str(tmp_path / "d.json"))[0] == "a b\n\nc"
+    (tmp_path / "bad.json").write_text(json.dumps([{"body": "x"}]))
+    with pytest.raises(ValueError, match='"text" field'):
+        load_text(str(tmp_path / "bad.json"))
+
+
+def test_load_text_missing_file_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found.*wiki.test.raw"):
+        load_text(str(tmp_path / "nope.raw"))
+    with pytest.raises(FileNotFoundError, match="holds none of"):
+        load_text(str(tmp_path))
+
+
+def test_load_text_hub_offline_names_local_alternative(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no local folder called "ptb"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no cache to fall back on
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match="ptb.valid.txt"):
+        load_text("ptb")
