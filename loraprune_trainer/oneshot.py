@@ -1,0 +1,202 @@
+"""One-shot pruning: score once on calibration text, prune to the target in one go, cut the
+units out, then (optionally) recover with a plain LoRA fine-tune of the compact model.
+
+This is the "prune, then fine-tune" baseline that LoRAPrune's "prune while fine-tuning" is
+compared against at an equal number of training tokens (same dataset, steps, batch and
+``max_length`` for both). Any criterion of :data:`~loraprune_trainer.criterion.CRITERIA` works:
+
+* ``lora``: one backward pass (gradients summed over the calibration batches) through a freshly
+  initialised LoRA adapter. ``lora_B`` starts at zero, so ``gA = 0`` and Eq. 7-9 reduce to
+  ``G = gB A``; ``gB`` is not zero, so the scores are informative.
+* ``vanilla``: the same backward pass with the base weights' true gradients.
+* ``wanda``: forward passes only (activation norms); ``magnitude``/``random``: no data at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .criterion import build_criterion
+from .masks import PruningState
+from .schedule import final_prune_count
+from .structure import _unwrap, discover_structure
+
+
+@dataclass
+class OneShotResult:
+    """``model``: the compact model (units removed; plain transformers, no adapter).
+    ``pruning_state``: masks and scores on the *original* model's unit indices.
+    ``report``: parameter counts, unit counts, criterion and calibration settings."""
+
+    model: nn.Module
+    pruning_state: PruningState
+    report: dict = field(default_factory=dict)
+
+
+def default_lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.05):
+    """LoRA on all seven projections, the paper's r = 8, alpha = 16 (dropout 0.05 for training)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def calibration_batches(tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 4) -> list[dict]:
+    """Tokenize ``texts`` (one sample each, truncated to ``max_length``) into padded batches:
+    ``input_ids``/``attention_mask``: LongTensor[B, T], ``labels``: [B, T] with -100 on padding."""
+    if not texts:
+        raise ValueError("`texts` is empty: pass at least one calibration sample.")
+    if tokenizer.pad_token is None:
+        raise ValueError("The tokenizer has no pad token: set `tokenizer.pad_token = tokenizer.eos_token`.")
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], max_length=max_length, truncation=True, padding=True,
+                        return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    return batches
+
+
+def _score(peft_model, structure, criterion, batches):
+    needs_data = criterion.name in ("lora", "vanilla", "wanda")
+    needs_grad = bool(getattr(criterion, "needs_gradients", False))
+    if hasattr(criterion, "attach"):
+        criterion.attach(structure, peft_model)
+    device = next(peft_model.parameters()).device
+    was_training = peft_model.training
+    peft_model.train()  # Wanda counts training-mode forwards only; LLaMA has no dropout besides LoRA's
+    try:
+        peft_model.zero_grad(set_to_none=True)
+        if needs_data:
+            for b in batches:
+                b = {k: v.to(device) for k, v in b.items()}
+                if needs_grad:
+                    (peft_model(**b).loss / len(batches)).backward()
+                else:
+                    with torch.no_grad():
+                        peft_model(**b)
+        scores = criterion.score(structure)
+    finally:
+        peft_model.zero_grad(set_to_none=True)
+        if hasattr(criterion, "detach"):
+            criterion.detach()
+        peft_model.train(was_training)
+    return scores
+
+
+def compact_model(model: nn.Module, pruning_state: PruningState, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict]:
+    """The physically pruned, LoRA-merged model in memory (what ``save_pruned_model`` would write),
+    and the export info (head/channel counts, parameters before)."""
+    from transformers import AutoModelForCausalLM
+
+    from .export import ExportError, build_pruned_state
+
+    hf = _unwrap(model)
+    state, config, info = build_pruned_state(model, pruning_state, dtype)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        pruned = AutoModelForCausalLM.from_config(config)
+    pruned.load_state_dict(state, strict=False, assign=True)
+    leftover = [k for k, v in pruned.state_dict().items() if v.is_meta and not (tied and k.endswith("lm_head.weight"))]
+    if leftover:
+        raise ExportError(f"The pruned state lacks {leftover[:3]}")
+    if tied:
+        pruned.tie_weights()
+    # Non-persistent buffers (rotary inv_freq) are not in the state dict: take them from the source.
+    src_buffers = dict(hf.named_buffers())
+    for name, buf in list(pruned.named_buffers()):
+        if buf.is_meta and name in src_buffers:
+            owner, _, leaf = name.rpartition(".")
+            pruned.get_submodule(owner).register_buffer(leaf, src_buffers[name].clone(), persistent=False)
+    if getattr(hf, "generation_config", None) is not None:
+        pruned.generation_config = hf.generation_config
+    return pruned.to(next(hf.parameters()).device).eval(), info
+
+
+def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | None = None, criterion: str = "lora",
+                  pruning_ratio: float = 0.5, attention_ratio: float | None = None, mlp_ratio: float | None = None,
+                  attention_unit: str = "kv_group", max_length: int = 128, batch_size: int = 4,
+                  score_form: str = "square", normalize_scores: bool = False, seed: int = 0,
+                  lora_config=None) -> OneShotResult:
+    """Score ``model`` once with ``criterion`` and return the compact pruned model.
+
+    ``model`` is a plain transformers causal LM; a fresh LoRA adapter (``lora_config``, default
+    :func:`default_lora_config` with dropout 0 so scoring is deterministic) is injected for scoring
+    and removed again, so ``model`` is left as it was (same weights, no adapter, no grads).
+    ``calibration_texts``: the samples (e.g. N documents of C4); needed by lora/vanilla/wanda.
+    Ratios are per layer, rounded exactly as the trainer rounds them.
+    """
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ValueError("Pass the base model, not a PeftModel: one-shot scoring injects (and removes) its own "
+                         "fresh LoRA adapter.")
+    attn_ratio = pruning_ratio if attention_ratio is None else attention_ratio
+    mlp_r = pruning_ratio if mlp_ratio is None else mlp_ratio
+    for name, value in (("pruning_ratio", pruning_ratio), ("attention_ratio", attn_ratio), ("mlp_ratio", mlp_r)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"`{name}` must be in [0, 1), got {value}")
+    crit = build_criterion(criterion, score_form, normalize_scores)
+    if hasattr(crit, "generator"):
+        crit.generator.manual_seed(seed)
+    needs_data = criterion in ("lora", "vanilla", "wanda")
+    if needs_data and not calibration_texts:
+        raise ValueError(f"The `{criterion}` criterion needs calibration samples: pass `calibration_texts`.")
+    batches = calibration_batches(tokenizer, calibration_texts, max_length, batch_size) if needs_data else []
+
+    if lora_config is None:
+        lora_config = default_lora_config(dropout=0.0)
+    torch.manual_seed(seed)  # LoRA A's initialisation
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    peft_model = get_peft_model(model, lora_config)
+    try:
+        structure = discover_structure(peft_model, attention_unit)
+        scores = _score(peft_model, structure, crit, batches)
+        state = PruningState(structure)
+        state.update_scores(scores, ema_lambda=0.0)  # lambda 0: the state holds exactly these scores
+        counts = {}
+        for name, group in state.groups.items():
+            counts[name] = final_prune_count(group, attn_ratio if group.kind == "attention" else mlp_r)
+            state.prune_to(name, counts[name])
+        pruned, info = compact_model(peft_model, state)
+    finally:
+        restored = peft_model.unload()  # strip the adapter; the base weights were never changed
+        for n, p in restored.named_parameters():
+            p.requires_grad_(requires_grad.get(n, p.requires_grad))
+    state.structure = discover_structure(restored, attention_unit)  # point at the caller's model, not PEFT's
+
+    params_after = sum(p.numel() for p in pruned.parameters())
+    report = {
+        "criterion": criterion,
+        "attention_unit": structure.attention_unit,
+        "attention_ratio": attn_ratio,
+        "mlp_ratio": mlp_r,
+        "calibration_samples": len(calibration_texts or []) if needs_data else 0,
+        "calibration_max_length": max_length,
+        "units_pruned_per_layer": {"attention": counts[structure.attention[0].name],
+                                   "mlp": counts[structure.mlp[0].name]},
+        "parameters_before": info["parameters_before"]["model"],
+        "parameters_after": params_after,
+        "num_attention_heads": info["num_attention_heads"],
+        "num_key_value_heads": info["num_key_value_heads"],
+        "intermediate_size": info["intermediate_size"],
+    }
+    return OneShotResult(pruned, state, report)
+
+
+def finetune_compact(model: nn.Module, tokenizer, train_dataset, args, lora_config=None, merge: bool = True):
+    """LoRA fine-tune the compact model with a plain ``trl.SFTTrainer`` (``args``: an ``SFTConfig``;
+    use the iterative run's steps, batch and ``max_length`` for an equal-token comparison).
+
+    Returns ``(model, trainer)``: the model with LoRA merged (``merge=True``) or the PeftModel."""
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                         peft_config=lora_config or default_lora_config())
+    trainer.train()
+    tuned = trainer.model.merge_and_unload() if merge else trainer.model
+    return tuned, trainer
