@@ -351,3 +351,185 @@ def _check_protocols(obj, where: str = "result") -> None:
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             _check_protocols(v, f"{where}[{i}]")
+
+
+# -- zero-shot accuracy through lm-evaluation-harness ---------------------------------------------------
+STANDARD_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ImportError(
+            "Zero-shot accuracy needs lm-evaluation-harness: `pip install 'loraprune-trainer[eval]'` "
+            f"(or `pip install lm-eval`). Import failed with: {e}"
+        ) from e
+    return lm_eval, HFLM, TaskManager
+
+
+def _task_manager(TaskManager, tasks: list[str], include_path: str | None):
+    """A TaskManager that knows ``tasks``. Indexing lm-eval's thousands of built-in task files is slow,
+    so a run whose tasks all live in ``include_path`` skips them."""
+    if include_path is not None:
+        if not os.path.isdir(include_path):
+            raise FileNotFoundError(f"Task folder {include_path!r} does not exist: pass a folder of lm-eval task "
+                                    "YAML files as `include_path` (CLI: --task_dir).")
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"Unknown lm-eval task(s) {unknown}: use names from `lm-eval ls tasks` (e.g. "
+                         f"{', '.join(STANDARD_TASKS)}) or pass the folder of your task YAML as `include_path`.")
+    return manager
+
+
+def zero_shot(model, tokenizer, tasks: list[str] | str, include_path: str | None = None, num_fewshot: int = 0,
+              batch_size: int = 8, limit: int | float | None = None, max_length: int | None = None,
+              seed: int = 1234) -> dict:
+    """Zero-shot (or ``num_fewshot``-shot) accuracy of an in-memory ``model`` on lm-eval ``tasks``.
+
+    ``model`` is a transformers model, a PEFT model or a masked model in training; it is wrapped in
+    lm-eval's ``HFLM(pretrained=model, tokenizer=tokenizer)``, so nothing is reloaded. ``tasks`` are lm-eval
+    names (``piqa``, ``hellaswag``, ... need the Hub or a datasets cache) or names of YAML tasks in
+    ``include_path``. ``limit`` caps the examples per task (recorded; numbers with a limit are not the
+    standard ones).
+
+    Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "num_samples",
+    "num_samples_total", "version"}}, "protocol": {...}}``.
+    """
+    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    tasks = [t for t in tasks if t]
+    if not tasks:
+        raise ValueError("`tasks` is empty: pass lm-eval task names, e.g. \"piqa,arc_easy\".")
+    manager = _task_manager(TaskManager, tasks, include_path)
+
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, task_manager=manager,
+                                      limit=limit, log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+    results = {}
+    for name in tasks:
+        metrics = out["results"].get(name, {})
+        entry = {}
+        for metric in ("acc", "acc_norm"):
+            if f"{metric},none" in metrics:
+                entry[metric] = float(metrics[f"{metric},none"])
+                stderr = metrics.get(f"{metric}_stderr,none")
+                entry[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else None
+        counts = out.get("n-samples", {}).get(name, {})
+        entry["num_samples"] = counts.get("effective")
+        entry["num_samples_total"] = counts.get("original")
+        entry["version"] = out.get("versions", {}).get(name)
+        results[name] = entry
+    protocol = {
+        "harness": "lm-evaluation-harness",
+        "num_fewshot": num_fewshot,
+        "limit": limit,
+        "batch_size": batch_size,
+        "max_length": lm.max_length,
+        "add_bos_token": getattr(lm, "add_bos_token", None),
+        "include_path": os.path.abspath(include_path) if include_path else None,
+        "seed": seed,
+        "dtype": _model_dtype(model),
+        "model": getattr(_text_config(model), "_name_or_path", None),
+        "versions": library_versions(),
+    }
+    return {"tasks": results, "protocol": protocol}
+
+
+# -- whole evaluations: several datasets (and tasks) for one model ---------------------------------------
+def parse_dataset_specs(specs: list[str] | dict[str, str]) -> dict[str, str]:
+    """``["wikitext2=/data/wiki.test.raw", "ptb"]`` -> ``{"wikitext2": "/data/wiki.test.raw", "ptb": "ptb"}``.
+    A bare Hub name stands for itself; a bare path is named after its file."""
+    if isinstance(specs, dict):
+        return dict(specs)
+    out = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep:
+            source = spec
+            name = spec if spec in HUB_DATASETS else os.path.splitext(os.path.basename(spec.rstrip("/")))[0]
+        if not name or not source:
+            raise ValueError(f"Bad dataset spec {spec!r}: use NAME=FILE (e.g. wikitext2=wiki.test.raw) or a Hub name.")
+        if name in out:
+            raise ValueError(f"Dataset name {name!r} is given twice.")
+        out[name] = source
+    return out
+
+
+def load_texts(specs: list[str] | dict[str, str]) -> dict[str, tuple[str, dict]]:
+    """:func:`load_text` for every dataset spec, so a missing file fails before any model is loaded."""
+    return {name: load_text(source) for name, source in parse_dataset_specs(specs).items()}
+
+
+def evaluate_model(model, tokenizer, datasets: list[str] | dict[str, str] | None = None,
+                   protocol: str = "llm-pruner", tasks: list[str] | str | None = None, task_dir: str | None = None,
+                   num_fewshot: int = 0, limit: int | float | None = None, texts: dict | None = None,
+                   **perplexity_kwargs) -> dict:
+    """Perplexity on every dataset (and optionally lm-eval ``tasks``) for an in-memory model.
+
+    Returns ``{"perplexity": {name: perplexity(...) result}, "zero_shot": zero_shot(...) result or None}``.
+    ``texts`` (from :func:`load_texts`) skips reloading the datasets.
+    """
+    texts = texts if texts is not None else load_texts(datasets or [])
+    out = {"perplexity": {}, "zero_shot": None}
+    for name, (text, meta) in texts.items():
+        out["perplexity"][name] = perplexity(model, tokenizer, text, protocol=protocol,
+                                             metadata={"name": name, **meta}, **perplexity_kwargs)
+    if tasks:
+        batch_size = perplexity_kwargs.get("batch_size", 8)
+        out["zero_shot"] = zero_shot(model, tokenizer, tasks, include_path=task_dir, num_fewshot=num_fewshot,
+                                     batch_size=batch_size, limit=limit)
+    return out
+
+
+def evaluate_folder(path: str, datasets: list[str] | dict[str, str] | None = None, protocol: str = "llm-pruner",
+                    gguf_file: str | None = None, dtype: str | torch.dtype | None = None, device: str | None = None,
+                    tasks: list[str] | str | None = None, task_dir: str | None = None, out: str | None = None,
+                    **kwargs) -> dict:
+    """Load a model folder (e.g. a pruned model written by ``save_pruned_model``), a Hub id, a GGUF file or
+    ``"smollm2-gguf"`` with stock ``AutoModelForCausalLM.from_pretrained`` and evaluate it with
+    :func:`evaluate_model`. The datasets are read first, so a missing file fails before the model loads.
+    ``out`` writes the result with :func:`write_result`. Returns the result, with a ``"model"`` entry
+    (source, parameter count, and the folder's ``pruning_report.json`` summary if it has one)."""
+    from .loading import load_model_and_tokenizer
+
+    texts = load_texts(datasets or [])
+    if tasks:
+        _import_lm_eval()  # fail before the model loads, not after
+    model, tokenizer = load_model_and_tokenizer(path, gguf_file=gguf_file, dtype=dtype)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    result = evaluate_model(model, tokenizer, protocol=protocol, tasks=tasks, task_dir=task_dir, texts=texts, **kwargs)
+    info = {"source": path, "gguf_file": gguf_file, "requested_dtype": str(dtype) if dtype is not None else None,
+            "num_parameters": sum(p.numel() for p in model.parameters())}
+    report = os.path.join(path, "pruning_report.json") if os.path.isdir(path) else None
+    if report and os.path.isfile(report):
+        with open(report, encoding="utf-8") as f:
+            pruning = json.load(f)
+        info["pruning_report"] = {"parameters": pruning.get("parameters"), "settings": pruning.get("settings")}
+    result = {"model": info, **result}
+    if out:
+        write_result(out, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Console entry point ``loraprune-eval``; see :mod:`loraprune_trainer.eval`."""
+    from .eval import main as cli_main
+
+    return cli_main(argv)

@@ -209,3 +209,143 @@ def test_load_text_hub_offline_names_local_alternative(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(FileNotFoundError, match="ptb.valid.txt"):
         load_text("ptb")
+
+
+# -- masked model in training vs its exported folder -------------------------------------------------------
+def test_masked_model_in_training_equals_exported_folder(tmp_path):
+    from peft import LoraConfig
+
+    from loraprune_trainer import LoRAPruneConfig, LoRAPruneTrainer
+    from loraprune_trainer.evaluation import evaluate_folder
+
+    args = LoRAPruneConfig(output_dir=str(tmp_path / "run"), pruning_ratio=0.5, prune_freq=2, max_steps=8,
+                           per_device_train_batch_size=4, learning_rate=1e-3, use_cpu=True, bf16=False,
+                           report_to="none", save_strategy="no", max_length=32, seed=0,
+                           gradient_checkpointing=False, dataloader_num_workers=0, logging_steps=100)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    tok = tiny_tokenizer()
+    trainer = LoRAPruneTrainer(model=tiny_model("llama-gqa"), args=args, train_dataset=tiny_text_dataset(),
+                               processing_class=tok, peft_config=lora)
+    trainer.train()
+    assert trainer.pruning_state.pruned_channels() > 0 and trainer.pruning_state.pruned_heads() > 0
+
+    text_file = tmp_path / "eval.txt"
+    text_file.write_text(_text(n=8, length=40, seed=3))
+    text, meta = load_text(str(text_file))
+    trainer.model.train()  # as it is mid-training: the evaluation must switch to eval and back
+    masked = perplexity(trainer.model, tok, text, window=32, batch_size=4, metadata=meta, show_progress=False)
+    assert trainer.model.training
+    out = tmp_path / "pruned"
+    trainer.save_pruned_model(str(out))
+    exported = evaluate_folder(str(out), datasets=[f"tiny={text_file}"], window=32, batch_size=4, device="cpu",
+                               show_progress=False, out=str(tmp_path / "res.json"))
+    compact = exported["perplexity"]["tiny"]
+    assert compact["perplexity"] == pytest.approx(masked["perplexity"], rel=1e-4)
+    assert compact["num_tokens_scored"] == masked["num_tokens_scored"]
+    assert compact["protocol"]["dataset"]["sha256"] == meta["sha256"]
+    # The pruned model really is smaller, and its perplexity differs from the dense start.
+    assert exported["model"]["num_parameters"] < sum(p.numel() for p in tiny_model("llama-gqa").parameters())
+    assert exported["model"]["pruning_report"]["parameters"]["model_ratio"] < 1
+    dense = perplexity(tiny_model("llama-gqa"), tok, text, window=32, show_progress=False)
+    assert dense["perplexity"] != pytest.approx(masked["perplexity"], rel=1e-4)
+    on_disk = json.loads((tmp_path / "res.json").read_text())
+    assert on_disk["perplexity"]["tiny"]["perplexity"] == compact["perplexity"]
+    assert on_disk["perplexity"]["tiny"]["protocol"]["window"] == 32
+
+
+# -- result files ----------------------------------------------------------------------------------------
+def test_write_result_is_atomic_and_requires_protocol(tmp_path):
+    model, tok = tiny_model("llama-gqa"), tiny_tokenizer()
+    result = perplexity(model, tok, _text(), window=16, show_progress=False)
+    path = write_result(str(tmp_path / "sub" / "r.json"), {"wikitext2": result})
+    assert json.loads(open(path).read())["wikitext2"]["protocol"]["window"] == 16
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.json"]  # no temporary file left behind
+    with pytest.raises(ValueError, match="without its protocol"):
+        write_result(str(tmp_path / "bad.json"), {"wikitext2": {"perplexity": 12.3}})
+    assert not (tmp_path / "bad.json").exists()
+
+
+# -- CLI -------------------------------------------------------------------------------------------------
+def _save_tiny_folder(path):
+    model, tok = tiny_model("llama-mha"), tiny_tokenizer()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok
+
+
+def test_cli_writes_results_with_protocol(tmp_path, capsys):
+    from loraprune_trainer.eval import main
+
+    model, tok = _save_tiny_folder(tmp_path / "model")
+    (tmp_path / "a.txt").write_text(_text(n=8, length=40, seed=1))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in tiny_text_dataset(8, 40, 2)["text"]))
+    out = tmp_path / "results.json"
+    main(["--model", str(tmp_path / "model"), "--datasets", f"wikitext2={tmp_path / 'a.txt'}",
+          f"ptb={tmp_path / 'b.jsonl'}", "--protocol", "llm-pruner", "--max_windows", "2", "--batch_size", "2",
+          "--device", "cpu", "--out", str(out), "--no_progress"])
+    result = json.loads(out.read_text())
+    for name, source in (("wikitext2", tmp_path / "a.txt"), ("ptb", tmp_path / "b.jsonl")):
+        r = result["perplexity"][name]
+        assert r["protocol"]["name"] == "llm-pruner" and r["protocol"]["max_windows"] == 2
+        assert r["num_windows"] == 2 and r["num_tokens_scored"] == 2 * 127
+        assert r["protocol"]["dataset"]["path"] == str(source)
+        text, _ = load_text(str(source))
+        expected = perplexity(model, tok, text, max_windows=2, show_progress=False)["perplexity"]
+        assert r["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert json.loads(capsys.readouterr().out)["wikitext2"] == pytest.approx(result["perplexity"]["wikitext2"]
+                                                                             ["perplexity"], rel=1e-3)
+
+
+def test_cli_missing_dataset_fails_before_loading_model(tmp_path):
+    from loraprune_trainer.eval import main
+
+    # The model does not exist either: the dataset error must come first.
+    with pytest.raises(FileNotFoundError, match="missing.raw"):
+        main(["--model", str(tmp_path / "no-model"), "--datasets", f"wikitext2={tmp_path / 'missing.raw'}"])
+    with pytest.raises(ValueError, match="Nothing to evaluate"):
+        main(["--model", str(tmp_path / "no-model")])
+
+
+# -- lm-eval zero-shot on a local task ---------------------------------------------------------------------
+def _hand_mc_accuracy(model, tok, rows):
+    """acc / acc_norm of a multiple-choice task: argmax of the summed log-probability of " " + choice
+    given the query (acc_norm divides by the choice's length in characters, as lm-eval does)."""
+    acc = acc_norm = 0
+    with torch.no_grad():
+        for row in rows:
+            ctx = tok(row["query"], add_special_tokens=False)["input_ids"]
+            lls = []
+            for choice in row["choices"]:
+                cont = tok(row["query"] + " " + choice, add_special_tokens=False)["input_ids"][len(ctx):]
+                ids = torch.tensor(ctx + cont)
+                logp = torch.log_softmax(model(input_ids=ids[None, :-1]).logits[0].double(), -1)
+                lls.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
+            acc += int(max(range(len(lls)), key=lambda i: lls[i]) == row["label"])
+            norm = [ll / len(c) for ll, c in zip(lls, row["choices"])]
+            acc_norm += int(max(range(len(norm)), key=lambda i: norm[i]) == row["label"])
+    return acc / len(rows), acc_norm / len(rows)
+
+
+def test_zero_shot_local_task_matches_hand_computation():
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional dependency (the `eval` / `test` extras)")
+    from loraprune_trainer.evaluation import zero_shot
+
+    model, tok = tiny_model("llama-gqa", seed=1), tiny_tokenizer()
+    rows = json.loads(open(os.path.join(TASK_DIR, "loraprune_tiny_mc.json")).read())
+    result = zero_shot(model, tok, "loraprune_tiny_mc", include_path=TASK_DIR, batch_size=4)
+    task = result["tasks"]["loraprune_tiny_mc"]
+    assert task["num_samples"] == task["num_samples_total"] == len(rows) == 8
+    assert 0.0 <= task["acc"] <= 1.0 and 0.0 <= task["acc_norm"] <= 1.0
+    assert (task["acc"], task["acc_norm"]) == pytest.approx(_hand_mc_accuracy(model, tok, rows))
+    p = result["protocol"]
+    assert p["num_fewshot"] == 0 and p["limit"] is None and p["versions"]["lm_eval"]
+    limited = zero_shot(model, tok, ["loraprune_tiny_mc"], include_path=TASK_DIR, limit=3)
+    assert limited["tasks"]["loraprune_tiny_mc"]["num_samples"] == 3 and limited["protocol"]["limit"] == 3
+
+
+def test_zero_shot_unknown_task_is_clear(tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional dependency (the `eval` / `test` extras)")
+    from loraprune_trainer.evaluation import zero_shot
+
+    with pytest.raises(FileNotFoundError, match="Task folder"):
+        zero_shot(tiny_model(), tiny_tokenizer(), "x", include_path=str(tmp_path / "none"))
