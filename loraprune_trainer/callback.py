@@ -12,6 +12,7 @@ import logging
 
 from transformers import TrainerCallback
 
+from .distributed import sync_pruning_state
 from .schedule import PruningSchedule, scheduled_prune_count
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class LoRAPruneCallback(TrainerCallback):
     def __init__(self, pruner):
         self.pruner = pruner
         self.schedule: PruningSchedule | None = None
+        self.rank_mismatches = 0  # mask entries that differed from rank 0 at synchronisation (should stay 0)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.schedule = self.pruner.make_schedule(state.max_steps)
@@ -48,6 +50,11 @@ class LoRAPruneCallback(TrainerCallback):
         if self.schedule is None or not self.schedule.is_update_step(step):
             return
         self.pruner.apply_schedule(self.schedule.progress(step))
+        # Every rank scored identical all-reduced gradients; broadcasting rank 0's state guards
+        # against non-deterministic kernels (a no-op in a single process).
+        accelerator = getattr(self.pruner, "accelerator", None)
+        self.rank_mismatches += sync_pruning_state(self.pruner.pruning_state,
+                                                   accelerator.device if accelerator is not None else "cpu")
 
 
 def update_masks(pruning_state, final_counts: dict[str, int], progress: float) -> dict[str, list[int]]:
