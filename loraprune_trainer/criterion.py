@@ -54,8 +54,9 @@ def lora_parts(module: nn.Module, adapter_name: str | None = None):
 
 
 def estimated_weight_grad(a, b, grad_a, grad_b):
-    """``G = gB A + B gA - gB gA``: [out, in] from A, gA: [r, in] and B, gB: [out, r] (Eq. 7-9)."""
-    return grad_b @ a + b @ grad_a - grad_b @ grad_a
+    """``G = gB A + B gA - gB gA``: [out, in] from A, gA: [r, in] and B, gB: [out, r] (Eq. 7-9),
+    computed as ``gB A + (B - gB) gA`` (two rank-r products instead of three)."""
+    return grad_b @ a + (b - grad_b) @ grad_a
 
 
 def lora_importance(

@@ -63,5 +63,6 @@ def load_model_and_tokenizer(name_or_path: str, gguf_file: str | None = None, dt
         # The GGUF origin is not a property of the de-quantized weights; keep it out of saved configs.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.hf_quantizer = None  # de-quantized float weights train like any other
         model.config._name_or_path = source
     return model, tokenizer

@@ -19,7 +19,7 @@ def make_args(tmp_path, **overrides):
         output_dir=str(tmp_path / "run"), pruning_ratio=0.5, prune_freq=2, max_steps=16,
         per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3, use_cpu=True,
         bf16=False, logging_steps=4, report_to="none", save_strategy="no", max_length=32, seed=0,
-        gradient_checkpointing=False, dataloader_num_workers=0,
+        activation_checkpointing=False, dataloader_num_workers=0,
     )
     base.update(overrides)
     return LoRAPruneConfig(**base)
@@ -46,7 +46,7 @@ def make_trainer(tmp_path, arch="llama-gqa", lora=None, **overrides):
                                                     ("qwen2-gqa", "query_head", True),
                                                     ("llama-mha", "kv_group", True)])
 def test_trainer_prunes_to_target_exports_and_reloads(tmp_path, arch, unit, checkpointing):
-    trainer, recorder = make_trainer(tmp_path, arch, attention_unit=unit, gradient_checkpointing=checkpointing)
+    trainer, recorder = make_trainer(tmp_path, arch, attention_unit=unit, activation_checkpointing=checkpointing)
     trainer.train()
 
     state = trainer.pruning_state

