@@ -63,6 +63,8 @@ def load_model_and_tokenizer(name_or_path: str, gguf_file: str | None = None, dt
         # The GGUF origin is not a property of the de-quantized weights; keep it out of saved configs.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None  # de-quantized float weights train like any other
+        # De-quantized float weights train like any other model.
+        model.hf_quantizer = None
+        model.is_quantized = False
         model.config._name_or_path = source
     return model, tokenizer
