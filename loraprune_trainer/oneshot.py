@@ -117,29 +117,24 @@ def compact_model(model: nn.Module, pruning_state: PruningState, dtype: torch.dt
     return pruned.to(next(hf.parameters()).device).eval(), info
 
 
-def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | None = None, criterion: str = "lora",
-                  pruning_ratio: float = 0.5, attention_ratio: float | None = None, mlp_ratio: float | None = None,
-                  attention_unit: str = "kv_group", max_length: int = 128, batch_size: int = 4,
-                  score_form: str = "square", normalize_scores: bool = False, seed: int = 0,
-                  lora_config=None) -> OneShotResult:
-    """Score ``model`` once with ``criterion`` and return the compact pruned model.
+def oneshot_scores(model: nn.Module, tokenizer, calibration_texts: list[str] | None = None, criterion: str = "lora",
+                   attention_unit: str = "kv_group", max_length: int = 128, batch_size: int = 4,
+                   score_form: str = "square", normalize_scores: bool = False, seed: int = 0,
+                   lora_config=None) -> "ScoredModel":
+    """Score every unit of ``model`` once with ``criterion``; nothing is pruned yet.
 
     ``model`` is a plain transformers causal LM; a fresh LoRA adapter (``lora_config``, default
-    :func:`default_lora_config` with dropout 0 so scoring is deterministic) is injected for scoring
-    and removed again, so ``model`` is left as it was (same weights, no adapter, no grads).
+    :func:`default_lora_config` with dropout 0 so scoring is deterministic) is injected for scoring.
+    Returns a :class:`ScoredModel`: ``.state.scores[group.name]`` is Tensor[num_units], every mask
+    is still all-kept; call ``.release()`` to strip the adapter again (:func:`oneshot_prune` does
+    all of it).
     ``calibration_texts``: the samples (e.g. N documents of C4); needed by lora/vanilla/wanda.
-    Ratios are per layer, rounded exactly as the trainer rounds them.
     """
     from peft import PeftModel, get_peft_model
 
     if isinstance(model, PeftModel):
         raise ValueError("Pass the base model, not a PeftModel: one-shot scoring injects (and removes) its own "
                          "fresh LoRA adapter.")
-    attn_ratio = pruning_ratio if attention_ratio is None else attention_ratio
-    mlp_r = pruning_ratio if mlp_ratio is None else mlp_ratio
-    for name, value in (("pruning_ratio", pruning_ratio), ("attention_ratio", attn_ratio), ("mlp_ratio", mlp_r)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"`{name}` must be in [0, 1), got {value}")
     crit = build_criterion(criterion, score_form, normalize_scores)
     if hasattr(crit, "generator"):
         crit.generator.manual_seed(seed)
@@ -153,20 +148,69 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
     torch.manual_seed(seed)  # LoRA A's initialisation
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     peft_model = get_peft_model(model, lora_config)
+    scored = ScoredModel(None, peft_model, requires_grad)
     try:
         structure = discover_structure(peft_model, attention_unit)
         scores = _score(peft_model, structure, crit, batches)
-        state = PruningState(structure)
-        state.update_scores(scores, ema_lambda=0.0)  # lambda 0: the state holds exactly these scores
-        counts = {}
-        for name, group in state.groups.items():
-            counts[name] = final_prune_count(group, attn_ratio if group.kind == "attention" else mlp_r)
-            state.prune_to(name, counts[name])
-        pruned, info = compact_model(peft_model, state)
-    finally:
-        restored = peft_model.unload()  # strip the adapter; the base weights were never changed
+    except BaseException:
+        scored.release()
+        raise
+    scored.state = PruningState(structure)
+    scored.state.update_scores(scores, ema_lambda=0.0)  # lambda 0: the state holds exactly these scores
+    return scored
+
+
+@dataclass
+class ScoredModel:
+    """``state``: scores (and still-empty masks) of ``peft_model``, the caller's model with the
+    scoring adapter injected; ``requires_grad``: the caller's flags, restored by :meth:`release`."""
+
+    state: PruningState | None
+    peft_model: nn.Module
+    requires_grad: dict[str, bool]
+
+    def release(self) -> nn.Module:
+        """Strip the scoring adapter and restore ``requires_grad``: returns the caller's model as it
+        was (the base weights were never changed)."""
+        restored = self.peft_model.unload()
         for n, p in restored.named_parameters():
-            p.requires_grad_(requires_grad.get(n, p.requires_grad))
+            p.requires_grad_(self.requires_grad.get(n, p.requires_grad))
+        return restored
+
+
+def prune_by_scores(state: PruningState, attention_ratio: float, mlp_ratio: float) -> dict[str, int]:
+    """Grow every mask of ``state`` to the target in one go (lowest scores first, evenly over KV
+    groups where units share them); returns ``{group name: units pruned}``."""
+    counts = {}
+    for name, group in state.groups.items():
+        counts[name] = final_prune_count(group, attention_ratio if group.kind == "attention" else mlp_ratio)
+        state.prune_to(name, counts[name])
+    return counts
+
+
+def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | None = None, criterion: str = "lora",
+                  pruning_ratio: float = 0.5, attention_ratio: float | None = None, mlp_ratio: float | None = None,
+                  attention_unit: str = "kv_group", max_length: int = 128, batch_size: int = 4,
+                  score_form: str = "square", normalize_scores: bool = False, seed: int = 0,
+                  lora_config=None) -> OneShotResult:
+    """Score ``model`` once with ``criterion`` (:func:`oneshot_scores`), prune to the target and
+    return the compact pruned model. ``model`` is left as it was (same weights, no adapter).
+    Ratios are per layer, rounded exactly as the trainer rounds them.
+    """
+    attn_ratio = pruning_ratio if attention_ratio is None else attention_ratio
+    mlp_r = pruning_ratio if mlp_ratio is None else mlp_ratio
+    for name, value in (("pruning_ratio", pruning_ratio), ("attention_ratio", attn_ratio), ("mlp_ratio", mlp_r)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"`{name}` must be in [0, 1), got {value}")
+    scored = oneshot_scores(model, tokenizer, calibration_texts, criterion, attention_unit, max_length, batch_size,
+                            score_form, normalize_scores, seed, lora_config)
+    state = scored.state
+    try:
+        structure = state.structure
+        counts = prune_by_scores(state, attn_ratio, mlp_r)
+        pruned, info = compact_model(scored.peft_model, state)
+    finally:
+        restored = scored.release()
     state.structure = discover_structure(restored, attention_unit)  # point at the caller's model, not PEFT's
 
     params_after = sum(p.numel() for p in pruned.parameters())
@@ -175,7 +219,7 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
         "attention_unit": structure.attention_unit,
         "attention_ratio": attn_ratio,
         "mlp_ratio": mlp_r,
-        "calibration_samples": len(calibration_texts or []) if needs_data else 0,
+        "calibration_samples": len(calibration_texts or []) if criterion in ("lora", "vanilla", "wanda") else 0,
         "calibration_max_length": max_length,
         "units_pruned_per_layer": {"attention": counts[structure.attention[0].name],
                                    "mlp": counts[structure.mlp[0].name]},
