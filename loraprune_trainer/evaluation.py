@@ -114,13 +114,18 @@ def _read_json_texts(path: str) -> list[str]:
     return [str(r["text"]) for r in rows]
 
 
-def load_text(source: str, split: str | None = None) -> tuple[str, dict]:
+def load_text(source: str, split: str | None = None, *, normalize_newlines: bool = True) -> tuple[str, dict]:
     """The evaluation text of ``source`` and where it came from.
 
     ``source`` is a Hub name (``"wikitext2"``: WikiText-2 raw test; ``"ptb"``: PTB validation; rows
     joined with ``"\\n\\n"`` as LLM-Pruner does), a local file (``.raw``/``.txt`` read as is;
     ``.jsonl``/``.json`` with a ``"text"`` field per record, joined with ``"\\n\\n"``), or a folder that
     contains ``wiki.test.raw`` / ``ptb.valid.txt`` (or the file of ``split``).
+
+    ``normalize_newlines`` turns ``\r\n`` (and lone ``\r``) into ``\n``: some copies of WikiText-2 are
+    stored with CRLF line ends, which the Hub rows do not contain and which would add ``\r`` tokens
+    (about 1% more tokens with a byte-level BPE), changing the number. Whether it changed anything is
+    recorded as ``metadata["newlines"]``; ``sha256`` is always of the file's bytes.
 
     Returns ``(text, metadata)``; metadata holds ``source``, ``path`` (None for the Hub), ``split``,
     ``join``, ``sha256`` (of the file, or of the joined text for Hub rows) and ``num_chars``.
@@ -142,9 +147,13 @@ def load_text(source: str, split: str | None = None) -> tuple[str, dict]:
     if ext in (".jsonl", ".json"):
         text, join = "\n\n".join(_read_json_texts(path)), "records' \"text\" joined with \\n\\n"
     else:
-        with open(path, encoding="utf-8", newline="") as f:  # newline="": keep the bytes as they are
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": read the bytes as they are
             text, join = f.read(), "file as is"
-    meta = {"source": source, "path": os.path.abspath(path), "split": split, "join": join,
+    newlines = "as stored"
+    if normalize_newlines and "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        newlines = "CRLF/CR normalised to LF"
+    meta = {"source": source, "path": os.path.abspath(path), "split": split, "join": join, "newlines": newlines,
             "sha256": _sha256_file(path), "num_chars": len(text)}
     return text, meta
 

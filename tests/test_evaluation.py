@@ -169,6 +169,16 @@ def test_load_text_raw_file_as_is(tmp_path):
     assert load_text(str(tmp_path))[0] == raw
 
 
+def test_load_text_normalises_crlf(tmp_path):
+    raw = b" = Title = \r\n line one \r\n"
+    (tmp_path / "w.raw").write_bytes(raw)
+    text, meta = load_text(str(tmp_path / "w.raw"))
+    assert text == " = Title = \n line one \n" and meta["newlines"] == "CRLF/CR normalised to LF"
+    assert meta["sha256"] == hashlib.sha256(raw).hexdigest()  # the file's bytes, not the normalised text
+    kept, meta = load_text(str(tmp_path / "w.raw"), normalize_newlines=False)
+    assert kept == raw.decode() and meta["newlines"] == "as stored"
+
+
 def test_load_text_folder_by_split(tmp_path):
     (tmp_path / "ptb").mkdir()
     (tmp_path / "ptb" / "ptb.valid.txt").write_text("valid text\n")
