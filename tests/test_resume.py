@@ -1,0 +1,107 @@
+"""Exact resume: a run stopped mid-schedule and resumed from its checkpoint ends with the same masks,
+scores and loss curve as a run that never stopped; mismatched checkpoints are refused."""
+
+import json
+import os
+
+import pytest
+import torch
+from scripts.tiny_train import make_trainer
+
+from loraprune_trainer.resume import PRUNING_SETTINGS_NAME, PRUNING_STATE_NAME, ResumeError
+
+STEPS, SAVE = 12, 5  # prune_freq 2, ramp over steps 1..11: step 5 is mid-schedule
+
+
+def _losses(trainer):
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(uninterrupted trainer, checkpointing trainer, its output dir)."""
+    base = tmp_path_factory.mktemp("resume")
+    straight = make_trainer(str(base / "straight"), max_steps=STEPS)
+    straight.train()
+    saving = make_trainer(str(base / "saving"), max_steps=STEPS, save_steps=SAVE)
+    saving.train()
+    return straight, saving, base / "saving"
+
+
+def test_checkpoint_holds_pruning_state_mid_schedule(runs):
+    _, _, out = runs
+    folder = out / f"checkpoint-{SAVE}"
+    assert (folder / PRUNING_STATE_NAME).is_file() and (folder / PRUNING_SETTINGS_NAME).is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / PRUNING_STATE_NAME))
+    pruned = sum(int((~saved[k].bool()).sum()) for k in saved if k.startswith("keep."))
+    assert 0 < pruned, "checkpoint was taken before any pruning: not mid-schedule"
+    assert int(saved["num_score_updates"]) == SAVE
+    meta = json.load(open(folder / PRUNING_SETTINGS_NAME))
+    assert meta["total_steps"] == STEPS and meta["settings"]["prune_freq"] == 2
+
+
+def test_resumed_run_matches_uninterrupted(runs, tmp_path):
+    straight, _, out = runs
+    resumed = make_trainer(str(out), max_steps=STEPS, save_steps=SAVE)
+    # The fresh trainer starts with nothing pruned; everything must come from the checkpoint.
+    assert all(bool(k.all()) for k in resumed.pruning_state.keep.values())
+    resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
+
+    for name, keep in straight.pruning_state.keep.items():
+        assert torch.equal(resumed.pruning_state.keep[name], keep), name
+        torch.testing.assert_close(resumed.pruning_state.scores[name], straight.pruning_state.scores[name],
+                                   rtol=1e-5, atol=1e-12)
+    assert resumed.pruning_state.num_score_updates == straight.pruning_state.num_score_updates
+    expected, got = _losses(straight), _losses(resumed)
+    # log_history holds the checkpoint's steps 1..SAVE (restored) and the newly trained ones.
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(SAVE + 1, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_resume_true_uses_last_checkpoint(runs, tmp_path):
+    import shutil
+
+    straight, _, out = runs
+    for step in (SAVE, 2 * SAVE):  # only the mid-run checkpoints, not one written at the end
+        shutil.copytree(out / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
+    resumed = make_trainer(str(tmp_path), max_steps=STEPS, save_steps=SAVE)
+    resumed.train(resume_from_checkpoint=True)  # checkpoint-10, then steps 11..12
+    assert resumed.state.global_step == STEPS and sorted(_losses(resumed))[-2:] == [11, 12]
+    for name, keep in straight.pruning_state.keep.items():
+        assert torch.equal(resumed.pruning_state.keep[name], keep), name
+
+
+def test_checkpoint_from_other_pruning_config_is_refused(runs):
+    _, _, out = runs
+    other = make_trainer(str(out), max_steps=STEPS, pruning_ratio=0.25)
+    with pytest.raises(ResumeError, match=r"different pruning settings \(pruning_ratio: checkpoint 0.5 vs now 0.25"):
+        other.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
+
+
+def test_checkpoint_with_other_step_count_is_refused(runs):
+    _, _, out = runs
+    longer = make_trainer(str(out), max_steps=2 * STEPS)
+    with pytest.raises(ResumeError, match=f"had {STEPS} training steps, this one has {2 * STEPS}"):
+        longer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
+
+
+def test_checkpoint_without_pruning_state_is_refused(runs, tmp_path):
+    import shutil
+
+    _, _, out = runs
+    plain = tmp_path / "plain-checkpoint"
+    shutil.copytree(out / f"checkpoint-{SAVE}", plain)
+    os.remove(plain / PRUNING_STATE_NAME)
+    trainer = make_trainer(str(tmp_path / "out"), max_steps=STEPS)
+    with pytest.raises(ResumeError, match="not written by LoRAPruneTrainer"):
+        trainer.train(resume_from_checkpoint=str(plain))
+
+
+def test_checkpoint_for_other_model_is_refused(runs, tmp_path):
+    _, _, out = runs
+    trainer = make_trainer(str(tmp_path / "out"), max_steps=STEPS, arch="llama-mha")
+    with pytest.raises(ResumeError, match="another model structure"):
+        trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
