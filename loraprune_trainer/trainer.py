@@ -227,7 +227,7 @@ class LoRAPruneTrainer(SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs only, so eval logs keep their own keys
-            logs = {**logs, **self.pruning_metrics()}
+            logs = {**logs, **self.pruning_metrics(), **score_statistics(self.pruning_state)}
         if "eval_loss" in logs:  # mean token NLL -> perplexity (inf rather than an overflow error)
             logs = {**logs, "eval_perplexity": math.exp(min(logs["eval_loss"], 700.0))}
         super().log(logs, start_time)
@@ -280,6 +280,24 @@ class LoRAPruneTrainer(SFTTrainer):
         if self.args.should_save:
             save_adapter_and_masks(self.model, self.pruning_state, output_dir, self.args.pruning_settings())
         self.accelerator.wait_for_everyone()
+
+
+def score_statistics(pruning_state) -> dict[str, float]:
+    """Moving-average importance per kind: mean over all units, lowest kept and highest pruned score
+    (``min_kept > max_pruned`` within a layer is what pruning by score guarantees; across layers the
+    gap shows how decisive the ranking was). Keys ``prune/score_{attention,mlp}_{mean,min_kept,max_pruned}``."""
+    out = {}
+    for kind in ("attention", "mlp"):
+        names = [n for n, g in pruning_state.groups.items() if g.kind == kind]
+        if not names or pruning_state.num_score_updates == 0:
+            continue
+        scores = torch.cat([pruning_state.scores[n] for n in names])  # [units over all layers]
+        keep = torch.cat([pruning_state.keep[n] for n in names])
+        out[f"prune/score_{kind}_mean"] = float(scores.mean())
+        out[f"prune/score_{kind}_min_kept"] = float(scores[keep].min())
+        if not bool(keep.all()):
+            out[f"prune/score_{kind}_max_pruned"] = float(scores[~keep].max())
+    return out
 
 
 def count_base_parameters(model) -> int:
