@@ -94,6 +94,11 @@ def test_dataset_forms(tmp_path):
     pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "a", "completion": "b", "x": 0}] * 3)
     assert len(load_training_dataset(pc, max_samples=2)) == 2
 
+    from datasets import Dataset
+
+    Dataset.from_list([{"text": "parquet row"}, {"text": "  "}]).to_parquet(str(tmp_path / "rows.parquet"))
+    assert load_training_dataset(str(tmp_path / "rows.parquet"))["text"] == ["parquet row"]
+
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "a", "answer": "b"}])
     with pytest.raises(ValueError, match="match no supported form"):
         load_training_dataset(bad)
