@@ -359,3 +359,20 @@ def test_zero_shot_unknown_task_is_clear(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="Task folder"):
         zero_shot(tiny_model(), tiny_tokenizer(), "x", include_path=str(tmp_path / "none"))
+
+
+def test_zero_shot_on_peft_model_in_training_mode():
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional dependency (the `eval` / `test` extras)")
+    from peft import LoraConfig, get_peft_model
+
+    from loraprune_trainer.evaluation import zero_shot
+
+    tok = tiny_tokenizer()
+    peft_model = get_peft_model(tiny_model("llama-gqa", seed=2),
+                                LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_model.train()
+    rows = json.loads(open(os.path.join(TASK_DIR, "loraprune_tiny_mc.json")).read())
+    task = zero_shot(peft_model, tok, "loraprune_tiny_mc", include_path=TASK_DIR)["tasks"]["loraprune_tiny_mc"]
+    assert peft_model.training  # restored
+    peft_model.eval()
+    assert (task["acc"], task["acc_norm"]) == pytest.approx(_hand_mc_accuracy(peft_model, tok, rows))
