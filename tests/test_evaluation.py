@@ -206,6 +206,24 @@ def test_load_text_missing_file_is_clear(tmp_path):
         load_text(str(tmp_path))
 
 
+def test_load_text_hub_rows_are_joined_with_blank_lines(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no local folder called "wikitext2"
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list([{"text": " = A = \n"}, {"text": ""}, {"text": " b c \n"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    text, meta = load_text("wikitext2")
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "test")]
+    assert text == " = A = \n\n\n\n\n b c \n"
+    assert meta["path"] is None and meta["split"] == "test"
+    assert meta["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+
+
 def test_load_text_hub_offline_names_local_alternative(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no local folder called "ptb"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -314,6 +332,10 @@ def test_cli_missing_dataset_fails_before_loading_model(tmp_path):
         main(["--model", str(tmp_path / "no-model"), "--datasets", f"wikitext2={tmp_path / 'missing.raw'}"])
     with pytest.raises(ValueError, match="Nothing to evaluate"):
         main(["--model", str(tmp_path / "no-model")])
+    from loraprune_trainer.evaluation import main as console_main  # the `loraprune-eval` entry point
+
+    with pytest.raises(FileNotFoundError, match="missing.raw"):
+        console_main(["--model", "x", "--datasets", f"ptb={tmp_path / 'missing.raw'}"])
 
 
 # -- lm-eval zero-shot on a local task ---------------------------------------------------------------------
