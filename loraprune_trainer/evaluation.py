@@ -284,8 +284,10 @@ def perplexity(model, tokenizer, text: str, protocol: str = "llm-pruner", window
                 chunk = starts[b:b + batch_size]
                 batch = torch.stack([ids[s:s + window] for s in chunk]).to(device)  # [B, window]
                 logits = model(input_ids=batch, use_cache=False).logits  # [B, window, vocab]
-                nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch[:, 1:],
-                                      reduction="none")  # [B, window-1]: NLL of token t+1 given tokens <= t
+                # NLL of token t+1 given tokens <= t, [B, window-1]; one row at a time so the float32 copy
+                # of the logits is [window, vocab], not [B, window, vocab] (GBs at 2048 x 50k).
+                nll = torch.stack([F.cross_entropy(logits[i, :-1].float(), batch[i, 1:], reduction="none")
+                                   for i in range(batch.shape[0])])
                 # Tokens a previous (overlapping) window already scored are skipped.
                 first_new = torch.tensor([0 if s == 0 else window - stride - 1 for s in chunk], device=device)
                 positions = torch.arange(window - 1, device=device)
