@@ -1,0 +1,150 @@
+"""Write ``docs/results.md`` from the JSON files in ``bench/results/`` (run after the benchmarks).
+
+    python bench/make_results_md.py
+
+Every number in the page comes from those files; sections whose JSON is missing say so.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+OUT = os.path.join(common.REPO_ROOT, "docs", "results.md")
+
+
+def md_table(rows, columns, fmt="{:.2f}") -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return fmt.format(v)
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def load(name):
+    path = os.path.join(common.RESULTS_DIR, name)
+    return common.read_json(path) if os.path.exists(path) else None
+
+
+def machine_line(m) -> str:
+    if not m:
+        return "unknown"
+    dev = m.get("cuda") or f"CPU ({m.get('processor')}, {m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads)"
+    load_avg = m.get("load_average_at_start")
+    extra = f"; load average at start {load_avg[0]:.1f} (the cores are shared with other jobs)" if load_avg else ""
+    return f"{dev}, torch {m.get('torch')}, Python {m.get('python')}, commit {m.get('git_commit')}{extra}"
+
+
+def section_quality(parts):
+    q = load("quality.json")
+    parts.append("## Quality: criteria and modes at equal training tokens (paper Table 2)\n")
+    if not q:
+        parts.append("_Not run yet (`python bench/quality.py`)._\n")
+        return
+    s = q["settings"] or {}
+    parts.append(
+        f"Command: `{q['command']}` (resumable; one JSON per run in `bench/results/quality/`).  \n"
+        f"Machine: {machine_line(q['machine'])}.  \n"
+        f"Total wall time of the {len(q['runs'])} runs: {q['total_wall_s'] / 60:.1f} min.\n")
+    parts.append(
+        f"Settings: SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized to float32); LoRA r=8, alpha=16, dropout 0.05 on "
+        f"all seven projections; {s.get('steps')} optimizer steps x batch {s.get('batch')} x {s.get('max_length')} "
+        f"tokens of C4 (documents 0-199, truncated) for *both* modes, lr {s.get('lr')} linear decay; iterative: cubic "
+        f"schedule, masks every {s.get('prune_freq')} steps, KV-group attention units; one-shot: scores from "
+        f"{s.get('calib_samples')} other C4 documents (200+), then the same fine-tune on the compact model. "
+        f"Perplexity: first {s.get('windows')} windows (`llm-pruner`, 128 tokens) and first {s.get('full_windows')} "
+        f"window(s) (`full-context`, 2048 tokens) of WikiText-2 test / PTB validation; the same windows for every "
+        "model, so differences are paired, but the samples are small: read differences of a few percent as noise.\n")
+    parts.append(
+        "SmolLM2 has 3 KV heads of 3 query heads each, so the attention ratio rounds: 0.2 prunes 1 of 3 KV groups "
+        "(33% of heads), 0.5 prunes 2 of 3 (67%); MLP ratios are exact. `params_%` is the real share of parameters "
+        "kept (embeddings included).\n")
+    cols = ["ratio", "criterion", "mode", "params_M", "params_%", "tokens"] + \
+        [c for c in q["rows"][0] if "/" in c] + ["wall_s"]
+    parts.append(md_table(q["rows"], cols) + "\n")
+    parts.append("Does `lora` beat every baseline? Per ratio, mode and metric (lowest perplexity wins):\n")
+    parts.append("```\n" + "\n".join(q["verdict"]["lines"]) + "\n```\n")
+    parts.append("![quality](../bench/results/quality.png)\n")
+
+
+def section_cost(parts):
+    c = load("criterion_cost.json")
+    parts.append("## Criterion cost: LoRA-guided vs full gradient (paper Table 4)\n")
+    if not c:
+        parts.append("_Not run yet (`python bench/criterion_cost.py`)._\n")
+        return
+    s = c["settings"]
+    parts.append(
+        f"Command: `{c['command']}`; wall time {c['wall_s'] / 60:.1f} min.  \nMachine: {machine_line(c['machine'])}.\n")
+    parts.append(
+        f"Settings: SmolLM2-135M, batch {s['batch']} x {s['max_length']} tokens, {s['steps']} steps (first "
+        f"{s['skip']} untimed), every step scores; gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}; "
+        f"each criterion in its own process. Memory: `{c['memory_metric']}` (on CPU the peak resident set, which "
+        "includes the float32 weights; `above_ready_MiB` is the growth after the trainer was built). `none` = plain "
+        "LoRA SFT without pruning.\n")
+    parts.append(md_table(c["rows"], ["criterion", "peak_MiB", "above_ready_MiB", "step_s", "tokens/s", "score_s",
+                                      "mem_vs_vanilla_%", "throughput_vs_vanilla_%"]) + "\n")
+    parts.append("![criterion cost](../bench/results/criterion_cost.png)\n")
+
+
+def section_masks(parts):
+    m = load("mask_agreement.json")
+    parts.append("## Mask agreement with the full-gradient criterion (paper Fig. 4)\n")
+    if not m:
+        parts.append("_Not run yet (`python bench/mask_agreement.py`)._\n")
+        return
+    s = m["settings"]
+    parts.append(
+        f"Command: `{m['command']}`; wall time {m['wall_s'] / 60:.1f} min.  \nMachine: {machine_line(m['machine'])}.\n")
+    parts.append(
+        f"One-shot scores on the same {s['samples']} C4 documents (max {s['max_length']} tokens), attention unit "
+        f"`{s['attention_unit']}`; IoU of the pruned sets against `{m['reference']}`, pooled over the 30 layers. "
+        "`random_expected_iou` = p / (2 - p), what two random masks of the same size share.\n")
+    cols = list(m["rows"][0].keys())
+    parts.append(md_table(m["rows"], cols, fmt="{:.3f}") + "\n")
+    parts.append("![mask agreement](../bench/results/mask_agreement.png)\n")
+
+
+def section_speed(parts):
+    sp = load("inference_speed.json")
+    parts.append("## Inference speed of the exported models (paper Table 3)\n")
+    if not sp:
+        parts.append("_Not run yet (`python bench/inference_speed.py`)._\n")
+        return
+    s = sp["settings"]
+    parts.append(
+        f"Command: `{sp['command']}`; wall time {sp['wall_s'] / 60:.1f} min.  \nMachine: {machine_line(sp['machine'])}.\n")
+    parts.append(
+        f"Median of {s['repeats']} interleaved repeats. Forward: one `[batch, seq]` prefill without KV cache. "
+        f"Generate: greedy, prompt {s['prompt_len']}, {s['new_tokens']} new tokens. `time_vs_dense_%` > 0 means "
+        "slower than dense. `ideal_speedup` = dense FLOPs / model FLOPs. On a shared CPU the latencies are noisy.\n")
+    parts.append(md_table(sp["rows"], ["kind", "model", "batch", "seq", "params_M", "latency_ms", "tokens_per_s",
+                                       "time_vs_dense_%", "measured_speedup", "ideal_speedup"]) + "\n")
+    parts.append("![inference speed](../bench/results/inference_speed.png)\n")
+
+
+def main():
+    parts = ["# Results: LoRAPrune vs baselines on SmolLM2-135M\n",
+             "Generated by `python bench/make_results_md.py` from `bench/results/*.json`; do not edit by hand. "
+             "All runs are small CPU settings (2 shared cores) unless the machine line says otherwise: they check "
+             "that the pipeline works end to end and show trends, not the paper's LLaMA-7B numbers. Each script has "
+             "flags to scale up on a GPU (see its `--help`).\n"]
+    section_quality(parts)
+    section_cost(parts)
+    section_masks(parts)
+    section_speed(parts)
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    with open(OUT, "w") as f:
+        f.write("\n".join(parts))
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
