@@ -34,11 +34,29 @@ def dense_base_weight(module: nn.Module) -> torch.Tensor:
     """The base weight ``W: [out, in]`` of a (LoRA-wrapped, possibly 8/4-bit) linear, as float32."""
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     weight = base.weight
-    if weight.__class__.__name__ in ("Int8Params", "Params4bit"):
-        from peft.utils.integrations import dequantize_module_weight
+    kind = weight.__class__.__name__
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
 
-        weight = dequantize_module_weight(base)
+        weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    elif kind == "Int8Params":
+        weight = _dequantize_int8(base)
     return full_tensor(weight.detach()).float()  # FSDP2 shards are gathered, one matrix at a time
+
+
+def _dequantize_int8(base: nn.Module) -> torch.Tensor:
+    """``W = CB * SCB / 127`` of a bitsandbytes ``Linear8bitLt``: [out, in] float32, read without side effects.
+
+    Not peft's ``dequantize_module_weight``: on a CPU it re-assigns ``module.weight`` and so drops the
+    row scales (SCB) that bitsandbytes moved into ``module.state`` at the first forward, and the next
+    forward fails (bitsandbytes 0.50, peft 0.21). Before the first forward CB/SCB live on the weight.
+    """
+    state = getattr(base, "state", None)
+    scb = state.SCB if state is not None and state.SCB is not None else base.weight.SCB  # [out]
+    cb = state.CB if state is not None and state.CB is not None else base.weight.data  # [out, in] int8
+    if scb is None:
+        raise RuntimeError(f"{type(base).__name__} has no int8 row scales (SCB): is it quantized?")
+    return cb.float() * (scb.float().to(cb.device) / 127.0).unsqueeze(1)
 
 
 def lora_parts(module: nn.Module, adapter_name: str | None = None):
