@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from .criterion import SCORE_FORMS, combine_member_scores, dense_base_weight, lora_parts
 from .structure import ROWS, GroupMember, ModelStructure, UnitGroup
@@ -100,8 +101,11 @@ class _BaselineCriterion:
         }
 
     def setup(self, trainer) -> None:
-        """Called by the trainer once after construction."""
+        """Called by the trainer once after construction: attach to its model, and detach once the
+        pruning ramp is over (later scores are never used; for ``vanilla`` this stops paying for
+        the base weights' gradients during recovery fine-tuning)."""
         self.attach(trainer.structure, trainer.model, step_fn=lambda: trainer.state.global_step)
+        trainer.add_callback(_DetachAfterRamp(self, trainer))
 
     def attach(self, structure: ModelStructure, model: nn.Module, step_fn=None) -> None:
         """Install whatever the criterion needs on ``model`` (nothing for weight-only criteria)."""
@@ -112,6 +116,19 @@ class _BaselineCriterion:
     def frozen_parameters(self) -> list[nn.Parameter]:
         """Parameters this criterion made ``requires_grad`` that the optimizer must not train."""
         return []
+
+
+class _DetachAfterRamp(TrainerCallback):
+    """Detaches a criterion after the optimizer step that ends the pruning ramp (the callback
+    scores up to and including that step)."""
+
+    def __init__(self, criterion, trainer):
+        self.criterion, self.trainer = criterion, trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        schedule = getattr(self.trainer.pruning_callback, "schedule", None)
+        if schedule is not None and state.global_step >= schedule.ramp_end:
+            self.criterion.detach()
 
 
 class MagnitudeCriterion(_BaselineCriterion):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from tiny import VOCAB, tiny_model, tiny_text_dataset, tiny_tokenizer
+from transformers import TrainerCallback
 
 from loraprune_trainer import LoRAPruneConfig, LoRAPruneTrainer
 from loraprune_trainer.baselines import (MagnitudeCriterion, RandomCriterion, VanillaCriterion, WandaCriterion,
@@ -203,13 +204,27 @@ def test_each_criterion_trains_end_to_end_and_reaches_target(criterion, tmp_path
     for n, p in trainer.model.named_parameters():
         if n in base:
             assert torch.equal(p.detach(), base[n]), n
-    if criterion == "vanilla":
-        params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-        frozen = trainer.criterion.frozen_parameters()
-        assert frozen and all(p.requires_grad for p in frozen)
-        assert not any(id(p) in params for p in frozen)
+    # Only LoRA parameters were ever in the optimizer (vanilla's requires_grad base weights excluded).
+    lora_ids = {id(p) for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert all(id(p) in lora_ids for g in trainer.optimizer.param_groups for p in g["params"])
+    # After the ramp the criterion is detached: no base weight still asks autograd for a gradient.
+    assert trainer.criterion.frozen_parameters() == []
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" not in n)
     report = trainer.save_pruned_model(str(tmp_path / f"{criterion}-pruned"))
     assert report["parameters"]["model_after"] < report["parameters"]["model_before"]
+
+
+def test_vanilla_base_weights_require_grad_during_the_ramp_only(tmp_path):
+    trainer = _train("vanilla", tmp_path, steps=10)  # ramp ends at step 9: step 10 is recovery
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            seen.append(bool(trainer.criterion.frozen_parameters()))
+
+    trainer.add_callback(Probe())
+    trainer.train()
+    assert seen == [True] * 9 + [False]
 
 
 def test_vanilla_without_gradient_checkpointing(tmp_path):
