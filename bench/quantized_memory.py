@@ -5,7 +5,12 @@ The GGUF model is de-quantized once into a temporary safetensors folder; every m
 that same folder in its own subprocess (float32, or quantized while loading by bitsandbytes) and
 runs ``LoRAPruneTrainer`` for a few steps with scoring and mask updates. Memory is the process's
 peak resident set size (``ru_maxrss``, CPU) or ``torch.cuda.max_memory_allocated`` (GPU), plus
-the bytes the model's parameters occupy. On a CPU, bitsandbytes' int8 matmul de-quantizes in
+the bytes the model's parameters occupy. ``train_peak_*`` are peaks while training (sampled in a
+thread, after freed loading buffers are returned to the OS); ``process_peak_rss_mib`` also includes
+loading, where bitsandbytes quantizes float32 tensors on the fly. ``*_anon_*`` count anonymous
+memory only (``RssAnon``): after a quantized load, VmRSS still includes the float32 checkpoint's
+file pages that were read to quantize it (clean page cache, dropped under memory pressure), which
+would hide the saving. On a CPU, bitsandbytes' int8 matmul de-quantizes in
 float16 per call, so steps are slower than float32: the point here is memory.
 
     python bench/quantized_memory.py                      # fp32 vs int8, 4 steps, batch 2 x 64 tokens
@@ -48,12 +53,59 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def _rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
+def _anon_mib() -> float:
+    """Anonymous resident memory: what the process allocated. Unlike VmRSS it leaves out file pages
+    still mapped from the checkpoint (clean page cache the kernel can drop), which after loading a
+    quantized model are the whole float32 file that was read to quantize it."""
+    return _status_mib("RssAnon")
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc), so the resident size shows live memory only: loading
+    a quantized model materialises float32 tensors that are freed but would otherwise stay resident."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class RssSampler:
+    """Peak resident size over a stretch of code, sampled every ``interval`` seconds in a thread
+    (``ru_maxrss`` cannot be reset, so it cannot isolate training from loading)."""
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        self.interval, self.peak, self.peak_anon = interval, _rss_mib(), _anon_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak, self.peak_anon = max(self.peak, _rss_mib()), max(self.peak_anon, _anon_mib())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak, self.peak_anon = max(self.peak, _rss_mib()), max(self.peak_anon, _anon_mib())
 
 
 def prepare(args, folder: str) -> None:
@@ -74,7 +126,7 @@ def worker(args) -> dict:
     from loraprune_trainer import LoRAPruneConfig, LoRAPruneTrainer
 
     cuda = torch.cuda.is_available()
-    rss_start = _rss_mib()
+    rss_start, anon_start = _rss_mib(), _anon_mib()
     quant = {
         "fp32": None,
         "int8": BitsAndBytesConfig(load_in_8bit=True),
@@ -87,7 +139,10 @@ def worker(args) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    rss_loaded, peak_loaded = _rss_mib(), _peak_rss_mib()
+    for p in model.parameters():  # fault in every weight page, so no mmap-backed page counts later
+        p.data.float().sum() if p.is_floating_point() else p.data.sum()
+    _release_freed_memory()
+    rss_loaded, peak_loaded, anon_loaded = _rss_mib(), _peak_rss_mib(), _anon_mib()
 
     texts = common.c4_texts(0, args.batch * args.steps)
     config = LoRAPruneConfig(
@@ -102,7 +157,9 @@ def worker(args) -> dict:
                                                       task_type="CAUSAL_LM"))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with common.stopwatch() as train_time:
+    _release_freed_memory()
+    rss_trainer = _rss_mib()
+    with common.stopwatch() as train_time, RssSampler() as sampler:
         trainer.train()
     shutil.rmtree(config.output_dir, ignore_errors=True)
     peak = _peak_rss_mib()
@@ -112,8 +169,14 @@ def worker(args) -> dict:
         "rss_after_imports_mib": rss_start,
         "rss_after_load_mib": rss_loaded,
         "peak_rss_load_mib": peak_loaded,
-        "peak_rss_mib": peak,
-        "peak_above_load_mib": peak - rss_loaded,
+        "anon_after_imports_mib": anon_start,
+        "anon_after_load_mib": anon_loaded,
+        "model_anon_mib": anon_loaded - anon_start,
+        "train_peak_anon_mib": sampler.peak_anon,
+        "rss_trainer_built_mib": rss_trainer,
+        "train_peak_rss_mib": sampler.peak,
+        "train_peak_above_load_mib": sampler.peak - rss_loaded,
+        "process_peak_rss_mib": peak,
         "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "load_s": load_time(),
         "s_per_step": train_time() / args.steps,
@@ -153,11 +216,11 @@ def main(argv=None) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
     reference = next((r for r in rows if r["mode"] == "fp32"), rows[0])
     for r in rows:
-        r["peak_rss_vs_fp32"] = r["peak_rss_mib"] / reference["peak_rss_mib"]
+        r["train_peak_anon_vs_fp32"] = r["train_peak_anon_mib"] / reference["train_peak_anon_mib"]
         r["param_mib_vs_fp32"] = r["param_mib"] / reference["param_mib"]
-    table = common.print_table(rows, ["mode", "param_mib", "rss_after_load_mib", "peak_rss_mib", "peak_above_load_mib",
-                                      "peak_rss_vs_fp32", "param_mib_vs_fp32", "s_per_step", "pruned_channels"],
-                               floatfmt="{:.4g}")
+    table = common.print_table(rows, ["mode", "param_mib", "param_mib_vs_fp32", "model_anon_mib",
+                                      "train_peak_anon_mib", "train_peak_anon_vs_fp32", "train_peak_rss_mib",
+                                      "process_peak_rss_mib", "s_per_step", "pruned_channels"], floatfmt="{:.4g}")
     result = {"benchmark": "quantized_memory", "command": common.command_line(), "machine": common.machine_info(),
               "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "folder", "worker_out")},
               "rows": rows, "table": table}
