@@ -7,7 +7,8 @@ Each criterion runs in its own subprocess, so peak memory is that process's alon
 peak resident set size (``resource.getrusage(...).ru_maxrss``, which includes the model's
 weights: we also report the peak *above* the resident size after loading and building the
 trainer), on GPU ``torch.cuda.max_memory_allocated``. Every step scores (no warm-up/cool-down),
-so the criterion's cost is in every timed step; the first ``--skip`` steps are not timed.
+so the criterion's cost is in every timed step; the first ``--skip`` steps are not timed, and
+the median step time is reported (robust to other processes' load).
 
 CPU default: SmolLM2-135M, batch 2 x 64 tokens, 6 steps. GPU: ``--batch 8 --max-length 512 --steps 30``.
 """
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,9 +113,10 @@ def worker(args) -> dict:
         "peak_rss_mib": _rss_mib(),
         "rss_ready_mib": rss_ready,
         "peak_rss_above_ready_mib": _rss_mib() - rss_ready,
-        "step_s_mean": sum(timed) / len(timed),
+        # Median: other processes on a shared machine make single steps slow, not the criterion.
+        "step_s_median": statistics.median(timed),
         "step_s_all": times,
-        "tokens_per_s": tokens_per_step / (sum(timed) / len(timed)),
+        "tokens_per_s": tokens_per_step / statistics.median(timed),
         "score_s_mean": (sum(score_times[args.skip:]) / max(1, len(score_times[args.skip:]))) if score_times else 0.0,
         "trainable_in_optimizer": sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]),
     }
@@ -145,13 +148,13 @@ def main(argv=None):
         os.unlink(path)
         r["process_wall_s"] = time.perf_counter() - t0
         results.append(r)
-        print(f"{crit}: peak RSS {r['peak_rss_mib']:.0f} MiB, step {r['step_s_mean']:.2f}s", flush=True)
+        print(f"{crit}: peak RSS {r['peak_rss_mib']:.0f} MiB, step {r['step_s_median']:.2f}s", flush=True)
     by = {r["criterion"]: r for r in results}
     mem_key = "gpu_peak_mib" if "gpu_peak_mib" in results[0] else "peak_rss_mib"
     rows = []
     for r in results:
         row = {"criterion": r["criterion"], "peak_MiB": r[mem_key], "above_ready_MiB": r["peak_rss_above_ready_mib"],
-               "step_s": r["step_s_mean"], "tokens/s": r["tokens_per_s"], "score_s": r["score_s_mean"]}
+               "step_s": r["step_s_median"], "tokens/s": r["tokens_per_s"], "score_s": r["score_s_mean"]}
         if "vanilla" in by and r["criterion"] != "vanilla":
             row["mem_vs_vanilla_%"] = 100.0 * (r[mem_key] / by["vanilla"][mem_key] - 1)
             row["throughput_vs_vanilla_%"] = 100.0 * (r["tokens_per_s"] / by["vanilla"]["tokens_per_s"] - 1)

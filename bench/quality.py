@@ -218,10 +218,12 @@ def run_grid(args):
 
 
 def report(args):
-    runs = [common.read_json(p) for p in sorted(glob.glob(os.path.join(args.out, "*.json")))]
+    paths = sorted(glob.glob(os.path.join(args.out, "*.json")), key=os.path.getmtime)
+    runs = [common.read_json(p) for p in paths]
     if not runs:
         print("no finished runs yet")
         return
+    latest = runs[-1]  # the command/settings/machine of the most recent invocation
     order = {c: i for i, c in enumerate(CRITERIA)}
     runs.sort(key=lambda r: (r["ratio"] or 0, r["mode"] != "dense", order.get(r["criterion"], -1), r["mode"]))
     dense = next((r for r in runs if r["mode"] == "dense"), None)
@@ -242,8 +244,8 @@ def report(args):
         print(line)
     common.write_json(os.path.join(common.RESULTS_DIR, "quality.json"), {
         "benchmark": "quality (Table 2)", "rows": rows, "table": table, "verdict": verdict,
-        "runs": runs, "command": runs[-1].get("command"), "settings": runs[-1].get("settings"),
-        "machine": runs[-1].get("machine"), "total_wall_s": sum(r["wall_s"] for r in runs),
+        "runs": runs, "command": latest.get("command"), "settings": latest.get("settings"),
+        "machine": latest.get("machine"), "total_wall_s": sum(r["wall_s"] for r in runs),
     })
     plot(runs, dense, os.path.join(common.RESULTS_DIR, "quality.png"))
 
