@@ -102,7 +102,7 @@ def main(script_args: ScriptArguments, training_args: LoRAPruneConfig, model_arg
 
     trainer = LoRAPruneTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                                peft_config=peft_config)
-    train_result = trainer.train()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     summary["train_loss"] = train_result.training_loss
 
     pruned_dir = _expand(script_args.pruned_output_dir) or os.path.join(training_args.output_dir, "pruned")
@@ -119,6 +119,10 @@ def main(script_args: ScriptArguments, training_args: LoRAPruneConfig, model_arg
     if eval_text:
         summary["perplexity_after"] = perplexity(pruned, tokenizer, eval_text[0], script_args.eval_protocol,
                                                  max_windows=script_args.eval_max_windows, metadata=eval_text[1])
+        if "wandb" in (training_args.report_to or []):
+            from loraprune_trainer.wandb_logging import log_summary  # the metric configs/sweep.yaml minimises
+
+            log_summary({"eval/perplexity": summary["perplexity_after"]["perplexity"]})
     with open(os.path.join(training_args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     print_summary(summary)
