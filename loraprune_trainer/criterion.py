@@ -30,8 +30,9 @@ SCORE_FORMS = ("square", "abs")
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def dense_base_weight(module: nn.Module) -> torch.Tensor:
-    """The base weight ``W: [out, in]`` of a (LoRA-wrapped, possibly 8/4-bit) linear, as float32."""
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight ``W: [out, in]`` of a (LoRA-wrapped, possibly 8/4-bit) linear, detached, in its
+    own floating dtype (8/4-bit weights are de-quantized; FSDP2 shards are gathered, one matrix at a time)."""
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     weight = base.weight
     kind = weight.__class__.__name__
@@ -41,7 +42,12 @@ def dense_base_weight(module: nn.Module) -> torch.Tensor:
         weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     elif kind == "Int8Params":
         weight = _dequantize_int8(base)
-    return full_tensor(weight.detach()).float()  # FSDP2 shards are gathered, one matrix at a time
+    return full_tensor(weight.detach())
+
+
+def dense_base_weight(module: nn.Module) -> torch.Tensor:
+    """:func:`base_weight` as float32: [out, in]."""
+    return base_weight(module).float()
 
 
 def _dequantize_int8(base: nn.Module) -> torch.Tensor:
@@ -73,8 +79,8 @@ def lora_parts(module: nn.Module, adapter_name: str | None = None):
 
 def estimated_weight_grad(a, b, grad_a, grad_b):
     """``G = gB A + B gA - gB gA``: [out, in] from A, gA: [r, in] and B, gB: [out, r] (Eq. 7-9),
-    computed as ``gB A + (B - gB) gA`` (two rank-r products instead of three)."""
-    return grad_b @ a + (b - grad_b) @ grad_a
+    computed as one rank-2r product ``[gB, B - gB] @ [A; gA]``."""
+    return torch.cat([grad_b, b - grad_b], dim=1) @ torch.cat([a, grad_a], dim=0)
 
 
 def lora_importance(
@@ -86,18 +92,34 @@ def lora_importance(
     grad_b: torch.Tensor,
     score_form: str = "square",
 ) -> torch.Tensor:
-    """Element importance ``(G * (W + s B A))^2`` (or ``abs``): [out, in], all inputs float32."""
+    """Element importance ``(G * (W + s B A))^2`` (or ``abs``): [out, in], all inputs float32.
+    The reference form of what :func:`lora_member_scores` computes in place."""
     merged = weight + scaling * (b @ a)
     prod = estimated_weight_grad(a, b, grad_a, grad_b) * merged
     return prod.square() if score_form == "square" else prod.abs()
 
 
+def _workspace(cache: dict | None, rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 [rows, cols] buffers, reused across matrices when ``cache`` is given: the score
+    runs every optimizer step, and fresh [out, in] temporaries cost more than the arithmetic.
+    One buffer per (cols, device), grown to the largest row count asked for (at most 2 x 64 MiB)."""
+    key = (cols, str(device))
+    buf = cache.get(key) if cache is not None else None
+    if buf is None or buf.shape[1] < rows:
+        buf = torch.empty(2, rows, cols, dtype=torch.float32, device=device)
+        if cache is not None:
+            cache[key] = buf
+    return buf[0, :rows], buf[1, :rows]
+
+
 @torch.no_grad()
-def lora_member_scores(module: nn.Module, member: GroupMember, num_units: int, score_form: str) -> torch.Tensor:
+def lora_member_scores(module: nn.Module, member: GroupMember, num_units: int, score_form: str,
+                       workspace: dict | None = None) -> torch.Tensor:
     """Eq. 10 summed over each unit's block of ``member``: Tensor[num_units], float32.
 
-    Row chunks keep the temporary at most ``_CHUNK_ELEMENTS``; the base weight's gradient is
-    never requested from autograd.
+    Works on row chunks of at most ``_CHUNK_ELEMENTS`` in two reusable buffers (``workspace``), in
+    place: ``W' = W + s B A`` and ``G = [gB, B - gB] [A; gA]``, then ``(G * W')^2``. The base
+    weight's gradient is never requested from autograd.
     """
     parts = lora_parts(module)
     if parts is None:
@@ -108,13 +130,19 @@ def lora_member_scores(module: nn.Module, member: GroupMember, num_units: int, s
     # Under FSDP2 parameters and gradients are DTensor shards: gather this matrix's (collective).
     a, b = full_tensor(a_param.detach()).float(), full_tensor(b_param.detach()).float()
     grad_a, grad_b = full_tensor(a_param.grad.detach()).float(), full_tensor(b_param.grad.detach()).float()
-    weight = dense_base_weight(module).to(a.device)
+    weight = base_weight(module).to(a.device)  # its own dtype: converted chunk by chunk below
     out_features, in_features = weight.shape
-    chunk = max(1, _CHUNK_ELEMENTS // in_features)
+    left = torch.cat([grad_b, b - grad_b], dim=1)  # [out, 2r]
+    right = torch.cat([a, grad_a], dim=0)  # [2r, in]
+    chunk = min(out_features, max(1, _CHUNK_ELEMENTS // in_features))
+    merged_buf, prod_buf = _workspace(workspace, chunk, in_features, a.device)
     per_index = torch.zeros(weight.shape[member.dim], dtype=torch.float32, device=a.device)
     for start in range(0, out_features, chunk):
         rows = slice(start, min(start + chunk, out_features))
-        imp = lora_importance(weight[rows], a, b[rows], scaling, grad_a, grad_b[rows], score_form)  # [chunk, in]
+        n = rows.stop - rows.start
+        merged = merged_buf[:n].copy_(weight[rows]).addmm_(b[rows], a, alpha=scaling)  # W' [n, in]
+        prod = torch.mm(left[rows], right, out=prod_buf[:n]).mul_(merged)  # G * W' [n, in]
+        imp = prod.square_() if score_form == "square" else prod.abs_()
         if member.dim == ROWS:
             per_index[rows] = imp.sum(dim=1)
         else:
@@ -141,10 +169,12 @@ class LoRACriterion:
             raise ValueError(f"`score_form` must be one of {SCORE_FORMS}, got {score_form!r}")
         self.score_form = score_form
         self.normalize = normalize
+        self._workspace: dict = {}  # reusable score buffers (see _workspace)
 
     def group_scores(self, structure: ModelStructure, group: UnitGroup) -> torch.Tensor:
         scores = [
-            lora_member_scores(structure.module(group, m), m, group.num_units, self.score_form) for m in group.members
+            lora_member_scores(structure.module(group, m), m, group.num_units, self.score_form, self._workspace)
+            for m in group.members
         ]
         return combine_member_scores(scores, self.normalize)
 
