@@ -76,6 +76,16 @@ def section_quality(parts):
         parts.append(f"Not finished before the deadline (the grid resumes where it stopped): {', '.join(missing)}.\n")
     parts.append("Does `lora` beat every baseline? Per ratio, mode and metric (lowest perplexity wins):\n")
     parts.append("```\n" + "\n".join(q["verdict"]["lines"]) + "\n```\n")
+    for ratio in sorted({r["ratio"] for r in q["runs"] if r["ratio"]}):
+        for mode in ("iterative", "oneshot"):
+            group = {r["criterion"]: r["metrics"]["wikitext2/llm-pruner"]["perplexity"] for r in q["runs"]
+                     if r["ratio"] == ratio and r["mode"] == mode}
+            if "lora" in group and len(group) > 1:
+                ranked = sorted(group, key=group.get)
+                parts.append(f"- ratio {ratio:g}, {mode}: WikiText-2 (llm-pruner) ranking "
+                             + " < ".join(f"{c} ({group[c]:.0f})" for c in ranked)
+                             + f"; `lora` ranks {ranked.index('lora') + 1} of {len(ranked)}.")
+    parts.append("")
     parts.append("![quality](../bench/results/quality.png)\n")
 
 
@@ -96,6 +106,20 @@ def section_cost(parts):
         "LoRA SFT without pruning.\n")
     parts.append(md_table(c["rows"], ["criterion", "peak_MiB", "above_ready_MiB", "step_s", "tokens/s", "score_s",
                                       "mem_vs_vanilla_%", "throughput_vs_vanilla_%"]) + "\n")
+    by = {r["criterion"]: r for r in c["rows"]}
+    if "lora" in by and "vanilla" in by:
+        lo, va = by["lora"], by["vanilla"]
+        parts.append(f"- Peak memory: `lora` {lo['peak_MiB']:.0f} MiB vs `vanilla` {va['peak_MiB']:.0f} MiB "
+                     f"({100 * (lo['peak_MiB'] / va['peak_MiB'] - 1):+.1f}%); memory growth during training "
+                     f"{lo['above_ready_MiB']:.0f} vs {va['above_ready_MiB']:.0f} MiB "
+                     f"({100 * (lo['above_ready_MiB'] / va['above_ready_MiB'] - 1):+.1f}%). The difference is the "
+                     "float32 gradient of every projection's base weight (about 106 M weights, 405 MiB, in SmolLM2) "
+                     "plus autograd's transient copy of it.")
+        parts.append(f"- Throughput: `lora` {lo['tokens/s']:.2f} vs `vanilla` {va['tokens/s']:.2f} tokens/s "
+                     f"({100 * (lo['tokens/s'] / va['tokens/s'] - 1):+.1f}%); scoring alone takes "
+                     f"{lo['score_s']:.2f} s vs {va['score_s']:.2f} s per step. On this shared CPU, step times "
+                     "swing by several x with other jobs' load (see `step_s_all` in the JSON): treat the "
+                     "throughput ratio as unreliable; the memory numbers are not affected.\n")
     parts.append("![criterion cost](../bench/results/criterion_cost.png)\n")
 
 
@@ -116,6 +140,10 @@ def section_masks(parts):
         "so its random reference there is p = 1/3 -> 0.20 and p = 2/3 -> 0.50).\n")
     cols = list(m["rows"][0].keys())
     parts.append(md_table(m["rows"], cols, fmt="{:.3f}") + "\n")
+    lo = [(r["ratio"], r.get("lora_mlp_iou"), r["random_expected_iou"]) for r in m["rows"]]
+    if all(v is not None for _, v, _ in lo):
+        parts.append("- MLP channels, `lora` vs `vanilla`: " + ", ".join(f"{p:g}: {v:.2f} (random {e:.2f})"
+                                                                      for p, v, e in lo) + ".\n")
     parts.append("![mask agreement](../bench/results/mask_agreement.png)\n")
 
 
@@ -134,6 +162,12 @@ def section_speed(parts):
         "slower than dense. `ideal_speedup` = dense FLOPs / model FLOPs. On a shared CPU the latencies are noisy.\n")
     parts.append(md_table(sp["rows"], ["kind", "model", "batch", "seq", "params_M", "latency_ms", "tokens_per_s",
                                        "time_vs_dense_%", "measured_speedup", "ideal_speedup"]) + "\n")
+    for r in sp["rows"]:
+        if r["kind"] == "forward" and r["model"] != "dense":
+            parts.append(f"- forward b{r['batch']} s{r['seq']}, {r['model']}: {r['measured_speedup']:.2f}x measured vs "
+                         f"{r['ideal_speedup']:.2f}x ideal (FLOPs)")
+    parts.append("\nThe absolute latencies (seconds for a 128-token forward of a 135M model) show how loaded the shared "
+                 "CPU was; only the interleaved ratios carry information, and those are noisy too.\n")
     parts.append("![inference speed](../bench/results/inference_speed.png)\n")
 
 
