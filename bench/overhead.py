@@ -35,6 +35,8 @@ def run_variant(variant: str, opts) -> dict:
     from loraprune_trainer.data import load_training_dataset
     from loraprune_trainer.loading import load_model_and_tokenizer
 
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
     model, tok = load_model_and_tokenizer(opts.model)
     dataset = load_training_dataset(opts.dataset, max_samples=opts.batch * (opts.steps + opts.warmup))
@@ -122,6 +124,8 @@ def main():
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="alternating runs per variant")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); 1 keeps timings sane on a CPU shared with other jobs")
     p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     opts = p.parse_args()
@@ -132,7 +136,7 @@ def main():
 
     os.makedirs(opts.out_dir, exist_ok=True)
     runs = {"lora": [], "loraprune": []}
-    started = time.time()
+    started, load_at_start = time.time(), os.getloadavg()
     for r in range(opts.rounds):
         for variant in ("lora", "loraprune") if r % 2 == 0 else ("loraprune", "lora"):
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant] + sys.argv[1:]
@@ -157,7 +161,7 @@ def main():
         "step_time_ratio": table["step_time_s"][1] / table["step_time_s"][0],
         "peak_memory_ratio": table[mem_key][1] / table[mem_key][0],
         "pruning_fraction_in_run": med("loraprune", "pruning_fraction_in_run"),
-        "machine": {"cpus": os.cpu_count(), "device": opts.device},
+        "machine": {"cpus": os.cpu_count(), "device": opts.device, "load_average_at_start": load_at_start},
     }
     print(f"\n{'metric':<16}{'LoRA SFTTrainer':>18}{'LoRAPruneTrainer':>18}{'ratio':>9}")
     for name, (a, b) in table.items():
