@@ -87,6 +87,20 @@ def section_quality(parts):
                              + f"; `lora` ranks {ranked.index('lora') + 1} of {len(ranked)}.")
     from collections import Counter
 
+    pairs = []
+    for r in q["runs"]:
+        if r["mode"] == "iterative":
+            o = next((x for x in q["runs"] if x["mode"] == "oneshot" and x["criterion"] == r["criterion"]
+                      and x["ratio"] == r["ratio"]), None)
+            if o:
+                pairs.append(o["metrics"]["wikitext2/llm-pruner"]["perplexity"]
+                             < r["metrics"]["wikitext2/llm-pruner"]["perplexity"])
+    if pairs:
+        parts.append(f"- Prune-then-fine-tune (one-shot) vs prune-while-fine-tuning (iterative) at equal tokens: "
+                     f"one-shot has the lower WikiText-2 (llm-pruner) perplexity in {sum(pairs)} of {len(pairs)} "
+                     "(criterion, ratio) pairs. With 4 steps the iterative schedule scores from 1-4 steps of a "
+                     "model whose masks change every step, while one-shot scores the intact model.")
+
     counts = Counter(c["best"] for c in q["verdict"]["cells"])
     best_counts = ", ".join(f"`{k}` {v}" for k, v in counts.most_common())
     parts.append("")
