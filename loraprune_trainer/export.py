@@ -214,15 +214,14 @@ def _verify_checkpoint(folder: str) -> None:
         raise ExportError(f"Written checkpoint lacks {missing[:3]}")
 
 
-def save_pruned_model(model, pruning_state: PruningState, output_dir: str, tokenizer=None,
-                      dtype: torch.dtype | str | None = None, settings: dict | None = None,
-                      verify: bool = True) -> dict:
-    """Write the compacted, LoRA-merged model to ``output_dir`` (atomically) with
-    ``pruning_report.json``; returns the report."""
+def build_pruned_model(model, pruning_state: PruningState, dtype: torch.dtype | str | None = None):
+    """The physically pruned, LoRA-merged model in memory (what :func:`save_pruned_model` writes)
+    and the export info, with ``parameters_before`` and ``parameters_after`` counts."""
     hf = _unwrap(model)
     state, new_config, info = build_pruned_state(model, pruning_state, dtype)
     tied = bool(getattr(new_config, "tie_word_embeddings", False))
-    with torch.device("meta"):
+    info["parameters_after"] = {"model": _count(state, tied=tied), "decoder_layers": _count(state, ".layers.")}
+    with torch.device("meta"):  # no random init of weights that are replaced right away
         pruned = AutoModelForCausalLM.from_config(new_config)
     if tied:
         state.pop("lm_head.weight", None)
@@ -232,18 +231,33 @@ def save_pruned_model(model, pruning_state: PruningState, output_dir: str, token
         raise ExportError(f"The pruned state lacks {leftover[:3]}")
     if tied:
         pruned.tie_weights()
+    # Non-persistent buffers (rotary inv_freq) are not in the state dict: take them from the source.
+    source_buffers = dict(hf.named_buffers())
+    for name, buf in list(pruned.named_buffers()):
+        if buf.is_meta and name in source_buffers:
+            owner, _, leaf = name.rpartition(".")
+            pruned.get_submodule(owner).register_buffer(leaf, source_buffers[name].clone(), persistent=False)
     if getattr(hf, "generation_config", None) is not None:
         pruned.generation_config = hf.generation_config
+    return pruned, info
+
+
+def save_pruned_model(model, pruning_state: PruningState, output_dir: str, tokenizer=None,
+                      dtype: torch.dtype | str | None = None, settings: dict | None = None,
+                      verify: bool = True) -> dict:
+    """Write the compacted, LoRA-merged model to ``output_dir`` (atomically) with
+    ``pruning_report.json``; returns the report."""
+    pruned, info = build_pruned_model(model, pruning_state, dtype)
 
     report = {
         "format": "loraprune-trainer pruned model (LoRA merged, units physically removed)",
         "parameters": {
             "model_before": info["parameters_before"]["model"],
-            "model_after": _count(state, tied=tied),
+            "model_after": info["parameters_after"]["model"],
             "decoder_layers_before": info["parameters_before"]["decoder_layers"],
-            "decoder_layers_after": _count(state, ".layers."),
+            "decoder_layers_after": info["parameters_after"]["decoder_layers"],
         },
-        "config": {k: v for k, v in info.items() if k != "parameters_before"},
+        "config": {k: v for k, v in info.items() if not k.startswith("parameters_")},
         "layers": [],
         "settings": settings or {},
         "versions": {p: version(p) for p in ("torch", "transformers", "peft", "trl")},

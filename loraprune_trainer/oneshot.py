@@ -89,31 +89,10 @@ def _score(peft_model, structure, criterion, batches):
 def compact_model(model: nn.Module, pruning_state: PruningState, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict]:
     """The physically pruned, LoRA-merged model in memory (what ``save_pruned_model`` would write),
     and the export info (head/channel counts, parameters before)."""
-    from transformers import AutoModelForCausalLM
-
-    from .export import ExportError, build_pruned_state
+    from .export import build_pruned_model
 
     hf = _unwrap(model)
-    state, config, info = build_pruned_state(model, pruning_state, dtype)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied:
-        state.pop("lm_head.weight", None)
-    with torch.device("meta"):
-        pruned = AutoModelForCausalLM.from_config(config)
-    pruned.load_state_dict(state, strict=False, assign=True)
-    leftover = [k for k, v in pruned.state_dict().items() if v.is_meta and not (tied and k.endswith("lm_head.weight"))]
-    if leftover:
-        raise ExportError(f"The pruned state lacks {leftover[:3]}")
-    if tied:
-        pruned.tie_weights()
-    # Non-persistent buffers (rotary inv_freq) are not in the state dict: take them from the source.
-    src_buffers = dict(hf.named_buffers())
-    for name, buf in list(pruned.named_buffers()):
-        if buf.is_meta and name in src_buffers:
-            owner, _, leaf = name.rpartition(".")
-            pruned.get_submodule(owner).register_buffer(leaf, src_buffers[name].clone(), persistent=False)
-    if getattr(hf, "generation_config", None) is not None:
-        pruned.generation_config = hf.generation_config
+    pruned, info = build_pruned_model(model, pruning_state, dtype)
     return pruned.to(next(hf.parameters()).device).eval(), info
 
 
