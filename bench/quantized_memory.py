@@ -20,14 +20,12 @@ float16 per call, so steps are slower than float32: the point here is memory.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
