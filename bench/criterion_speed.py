@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loraprune_trainer.criterion import lora_importance, lora_member_scores, lora_parts
+from loraprune_trainer.criteria import lora_importance, lora_member_scores, lora_parts
 from loraprune_trainer.structure import discover_structure
 
 HERE = os.path.dirname(os.path.abspath(__file__))

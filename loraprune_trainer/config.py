@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from .criterion import CRITERIA, SCORE_FORMS
+from .criteria import CRITERIA, SCORE_FORMS
 from .schedule import SCHEDULES
 from .structure import ATTENTION_UNITS
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .criterion import dense_base_weight, lora_parts
+from .criteria import dense_base_weight, lora_parts
 from .masks import MaskHooks, PruningState
 from .structure import ROWS, _unwrap, discover_structure
 

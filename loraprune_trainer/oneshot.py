@@ -3,12 +3,13 @@ units out, then (optionally) recover with a plain LoRA fine-tune of the compact 
 
 This is the "prune, then fine-tune" baseline that LoRAPrune's "prune while fine-tuning" is
 compared against at an equal number of training tokens (same dataset, steps, batch and
-``max_length`` for both). Any criterion of :data:`~loraprune_trainer.criterion.CRITERIA` works:
+``max_length`` for both). Any criterion of :data:`~loraprune_trainer.criteria.CRITERIA` works:
 
 * ``lora``: one backward pass (gradients summed over the calibration batches) through a freshly
   initialised LoRA adapter. ``lora_B`` starts at zero, so ``gA = 0`` and Eq. 7-9 reduce to
   ``G = gB A``; ``gB`` is not zero, so the scores are informative.
 * ``vanilla``: the same backward pass with the base weights' true gradients.
+* ``taylor_gate``: the same backward pass; per-unit gate gradients summed over all batches.
 * ``wanda``: forward passes only (activation norms); ``magnitude``/``random``: no data at all.
 """
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .criterion import build_criterion
+from .criteria import build_criterion
 from .masks import PruningState
 from .schedule import final_prune_count
 from .structure import _unwrap, discover_structure
@@ -60,10 +61,8 @@ def calibration_batches(tokenizer, texts: list[str], max_length: int = 128, batc
 
 
 def _score(peft_model, structure, criterion, batches):
-    needs_data = criterion.name in ("lora", "vanilla", "wanda")
-    needs_grad = bool(getattr(criterion, "needs_gradients", False))
-    if hasattr(criterion, "attach"):
-        criterion.attach(structure, peft_model)
+    needs_data, needs_grad = criterion.needs_data, criterion.needs_gradients
+    criterion.attach(structure, peft_model)
     device = next(peft_model.parameters()).device
     was_training = peft_model.training
     peft_model.train()  # Wanda counts training-mode forwards only; LLaMA has no dropout besides LoRA's
@@ -80,8 +79,7 @@ def _score(peft_model, structure, criterion, batches):
         scores = criterion.score(structure)
     finally:
         peft_model.zero_grad(set_to_none=True)
-        if hasattr(criterion, "detach"):
-            criterion.detach()
+        criterion.detach()
         peft_model.train(was_training)
     return scores
 
@@ -117,7 +115,7 @@ def oneshot_scores(model: nn.Module, tokenizer, calibration_texts: list[str] | N
     crit = build_criterion(criterion, score_form, normalize_scores)
     if hasattr(crit, "generator"):
         crit.generator.manual_seed(seed)
-    needs_data = criterion in ("lora", "vanilla", "wanda")
+    needs_data = crit.needs_data
     if needs_data and not calibration_texts:
         raise ValueError(f"The `{criterion}` criterion needs calibration samples: pass `calibration_texts`.")
     batches = calibration_batches(tokenizer, calibration_texts, max_length, batch_size) if needs_data else []
@@ -198,7 +196,7 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
         "attention_unit": structure.attention_unit,
         "attention_ratio": attn_ratio,
         "mlp_ratio": mlp_r,
-        "calibration_samples": len(calibration_texts or []) if criterion in ("lora", "vanilla", "wanda") else 0,
+        "calibration_samples": len(calibration_texts or []) if build_criterion(criterion).needs_data else 0,
         "calibration_max_length": max_length,
         "units_pruned_per_layer": {"attention": counts[structure.attention[0].name],
                                    "mlp": counts[structure.mlp[0].name]},

@@ -13,7 +13,7 @@ from trl import SFTTrainer
 
 from .callback import LoRAPruneCallback, update_masks
 from .config import LoRAPruneConfig
-from .criterion import build_criterion
+from .criteria import build_criterion
 from .distributed import check_distributed_backend
 from .masks import MaskHooks, PruningState
 from .resume import check_total_steps, load_pruning_checkpoint, resolve_checkpoint, save_pruning_checkpoint
@@ -142,8 +142,7 @@ class LoRAPruneTrainer(SFTTrainer):
         self.pruning_state = PruningState(self.structure)
         self.mask_hooks = MaskHooks(self.pruning_state)
         self.criterion = build_criterion(args.pruning_criterion, args.score_form, args.normalize_scores)
-        if hasattr(self.criterion, "setup"):  # criteria that need hooks or extra gradients install them here
-            self.criterion.setup(self)
+        self.criterion.setup(self)  # criteria that need hooks or extra gradients install them here
         self.final_prune_counts = {
             g.name: final_prune_count(g, args.attention_ratio if g.kind == "attention" else args.mlp_ratio)
             for g in self.structure.groups()
@@ -160,7 +159,7 @@ class LoRAPruneTrainer(SFTTrainer):
     def create_optimizer(self, model=None):
         # Criteria that need the base weights' gradients (`vanilla`) make them requires_grad; the
         # optimizer must still never train them, so hide them while Trainer collects parameters.
-        frozen = list(self.criterion.frozen_parameters()) if hasattr(self.criterion, "frozen_parameters") else []
+        frozen = list(self.criterion.frozen_parameters())
         for p in frozen:
             p.requires_grad_(False)
         try:

@@ -7,10 +7,10 @@ from tiny import VOCAB, tiny_model, tiny_text_dataset, tiny_tokenizer
 from transformers import TrainerCallback
 
 from loraprune_trainer import LoRAPruneConfig, LoRAPruneTrainer
-from loraprune_trainer.baselines import (MagnitudeCriterion, RandomCriterion, VanillaCriterion, WandaCriterion,
+from loraprune_trainer.criteria import (MagnitudeCriterion, RandomCriterion, VanillaCriterion, WandaCriterion,
                                          merged_weight)
 from loraprune_trainer.config import LoRAPruneConfig as _Cfg
-from loraprune_trainer.criterion import CRITERIA, build_criterion
+from loraprune_trainer.criteria import CRITERIA, build_criterion
 from loraprune_trainer.structure import ROWS, discover_structure
 
 
@@ -32,7 +32,7 @@ def batch(seed=0, shape=(2, 12)):
 
 
 def test_registry_and_config_choices():
-    for name in ("lora", "vanilla", "magnitude", "wanda", "random"):
+    for name in ("lora", "taylor_gate", "vanilla", "magnitude", "wanda", "random"):
         assert name in CRITERIA
         assert build_criterion(name).name == name
         _Cfg(output_dir="/tmp/unused", pruning_criterion=name, use_cpu=True, bf16=False)  # accepted by the config
@@ -190,7 +190,7 @@ def _train(criterion, tmp_path, steps=6, **cfg):
     return trainer
 
 
-@pytest.mark.parametrize("criterion", ["vanilla", "magnitude", "wanda", "random"])
+@pytest.mark.parametrize("criterion", ["vanilla", "taylor_gate", "magnitude", "wanda", "random"])
 def test_each_criterion_trains_end_to_end_and_reaches_target(criterion, tmp_path):
     trainer = _train(criterion, tmp_path)
     base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from tiny import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from loraprune_trainer.criterion import LoRACriterion, combine_member_scores
+from loraprune_trainer.criteria import LoRACriterion, combine_member_scores
 from loraprune_trainer.export import build_pruned_state, save_pruned_model
 from loraprune_trainer.masks import MaskHooks, PruningState
 from loraprune_trainer.schedule import PruningSchedule, final_prune_count, scheduled_prune_count
@@ -136,9 +136,9 @@ def test_criterion_chunking_is_exact(monkeypatch):
     backward_once(model)
     structure = discover_structure(model)
     full = LoRACriterion().score(structure)
-    import loraprune_trainer.criterion as crit
+    import loraprune_trainer.criteria.common as crit
 
-    monkeypatch.setattr(crit, "_CHUNK_ELEMENTS", 7 * 48)  # 7 rows per chunk
+    monkeypatch.setattr(crit, "CHUNK_ELEMENTS", 7 * 48)  # 7 rows per chunk
     chunked = LoRACriterion().score(structure)
     for name in full:
         torch.testing.assert_close(full[name], chunked[name], rtol=1e-5, atol=0)

@@ -31,11 +31,13 @@ def _env():
             "PYTHONPATH": ROOT}
 
 
-def test_two_process_ddp_masks_identical_and_equal_to_single_process(tmp_path):
-    """2 gloo processes x batch 4 x accumulation 2 == 1 process x batch 8 x accumulation 2."""
+@pytest.mark.parametrize("criterion", ["lora", "taylor_gate"])
+def test_two_process_ddp_masks_identical_and_equal_to_single_process(tmp_path, criterion):
+    """2 gloo processes x batch 4 x accumulation 2 == 1 process x batch 8 x accumulation 2
+    (``taylor_gate``: its gate gradients are all-reduced by the criterion, not by DDP)."""
     from scripts.tiny_train import dump, make_trainer
 
-    single = make_trainer(str(tmp_path / "single-out"), per_device_batch=8, grad_accum=2)
+    single = make_trainer(str(tmp_path / "single-out"), per_device_batch=8, grad_accum=2, pruning_criterion=criterion)
     single.train()
     dump(single, str(tmp_path / "single"))
 
@@ -44,7 +46,8 @@ def test_two_process_ddp_masks_identical_and_equal_to_single_process(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), SCRIPT, "--dump", str(tmp_path / "ddp"),
-           "--output_dir", str(tmp_path / "ddp-out"), "--per_device_batch", "4", "--grad_accum", "2"]
+           "--output_dir", str(tmp_path / "ddp-out"), "--per_device_batch", "4", "--grad_accum", "2",
+           "--criterion", criterion]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -88,7 +91,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, out: str):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from loraprune_trainer.criterion import LoRACriterion
+    from loraprune_trainer.criteria import LoRACriterion, TaylorGateCriterion
     from loraprune_trainer.structure import discover_structure
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -110,6 +113,20 @@ def _fsdp2_worker(rank: int, world: int, port: int, out: str):
         model(input_ids=half, labels=half).loss.backward()
         scores = LoRACriterion().score(discover_structure(model))
         errors = {k: float((scores[k] - expected[k]).abs().max() / expected[k].abs().max()) for k in expected}
+        model.zero_grad()
+
+        # taylor_gate: the gates sit on (unsharded) activations; the criterion averages their
+        # gradients over the ranks, which must give the full batch's gradient.
+        reference.zero_grad()
+        gate = TaylorGateCriterion()
+        gate.attach(discover_structure(reference), reference)
+        reference(input_ids=ids, labels=ids).loss.backward()
+        expected = gate.score(discover_structure(reference))
+        gate.attach(discover_structure(model), model)
+        model(input_ids=half, labels=half).loss.backward()
+        scores = gate.score(discover_structure(model))
+        errors.update({f"taylor_gate/{k}": float((scores[k] - expected[k]).abs().max() / expected[k].abs().max())
+                       for k in expected})
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(errors, f)
     finally:
@@ -120,7 +137,7 @@ def test_fsdp2_sharded_scores_equal_unsharded(tmp_path):
     torch.multiprocessing.spawn(_fsdp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
         errors = json.load(open(tmp_path / f"rank{rank}.json"))
-        assert len(errors) == 4
+        assert len(errors) == 8
         assert max(errors.values()) < 1e-5, errors
 
 

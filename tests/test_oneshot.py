@@ -7,7 +7,7 @@ from tiny import VOCAB, tiny_model, tiny_text_dataset, tiny_tokenizer
 from trl import SFTConfig
 
 from loraprune_trainer import LoRAPruneConfig, LoRAPruneTrainer
-from loraprune_trainer.criterion import LoRACriterion
+from loraprune_trainer.criteria import LoRACriterion
 from loraprune_trainer.masks import MaskHooks
 from loraprune_trainer.oneshot import calibration_batches, finetune_compact, oneshot_prune
 from loraprune_trainer.structure import discover_structure

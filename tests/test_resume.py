@@ -17,13 +17,13 @@ def _losses(trainer):
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """(uninterrupted trainer, checkpointing trainer, its output dir)."""
-    base = tmp_path_factory.mktemp("resume")
-    straight = make_trainer(str(base / "straight"), max_steps=STEPS)
+@pytest.fixture(scope="module", params=["lora", "taylor_gate"])
+def runs(request, tmp_path_factory):
+    """(uninterrupted trainer, checkpointing trainer, its output dir), per criterion."""
+    base = tmp_path_factory.mktemp(f"resume-{request.param}")
+    straight = make_trainer(str(base / "straight"), max_steps=STEPS, pruning_criterion=request.param)
     straight.train()
-    saving = make_trainer(str(base / "saving"), max_steps=STEPS, save_steps=SAVE)
+    saving = make_trainer(str(base / "saving"), max_steps=STEPS, save_steps=SAVE, pruning_criterion=request.param)
     saving.train()
     return straight, saving, base / "saving"
 
@@ -44,7 +44,8 @@ def test_checkpoint_holds_pruning_state_mid_schedule(runs):
 
 def test_resumed_run_matches_uninterrupted(runs, tmp_path):
     straight, _, out = runs
-    resumed = make_trainer(str(out), max_steps=STEPS, save_steps=SAVE)
+    resumed = make_trainer(str(out), max_steps=STEPS, save_steps=SAVE,
+                           pruning_criterion=straight.args.pruning_criterion)
     # The fresh trainer starts with nothing pruned; everything must come from the checkpoint.
     assert all(bool(k.all()) for k in resumed.pruning_state.keep.values())
     resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
@@ -67,7 +68,8 @@ def test_resume_true_uses_last_checkpoint(runs, tmp_path):
     straight, _, out = runs
     for step in (SAVE, 2 * SAVE):  # only the mid-run checkpoints, not one written at the end
         shutil.copytree(out / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
-    resumed = make_trainer(str(tmp_path), max_steps=STEPS, save_steps=SAVE)
+    resumed = make_trainer(str(tmp_path), max_steps=STEPS, save_steps=SAVE,
+                           pruning_criterion=straight.args.pruning_criterion)
     resumed.train(resume_from_checkpoint=True)  # checkpoint-10, then steps 11..12
     assert resumed.state.global_step == STEPS and sorted(_losses(resumed))[-2:] == [11, 12]
     for name, keep in straight.pruning_state.keep.items():
@@ -75,15 +77,15 @@ def test_resume_true_uses_last_checkpoint(runs, tmp_path):
 
 
 def test_checkpoint_from_other_pruning_config_is_refused(runs):
-    _, _, out = runs
-    other = make_trainer(str(out), max_steps=STEPS, pruning_ratio=0.25)
+    straight, _, out = runs
+    other = make_trainer(str(out), max_steps=STEPS, pruning_ratio=0.25, pruning_criterion=straight.args.pruning_criterion)
     with pytest.raises(ResumeError, match=r"different pruning settings \(pruning_ratio: checkpoint 0.5 vs now 0.25"):
         other.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
 
 
 def test_checkpoint_with_other_step_count_is_refused(runs):
-    _, _, out = runs
-    longer = make_trainer(str(out), max_steps=2 * STEPS)
+    straight, _, out = runs
+    longer = make_trainer(str(out), max_steps=2 * STEPS, pruning_criterion=straight.args.pruning_criterion)
     with pytest.raises(ResumeError, match=f"had {STEPS} training steps, this one has {2 * STEPS}"):
         longer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
 
@@ -91,17 +93,18 @@ def test_checkpoint_with_other_step_count_is_refused(runs):
 def test_checkpoint_without_pruning_state_is_refused(runs, tmp_path):
     import shutil
 
-    _, _, out = runs
+    straight, _, out = runs
     plain = tmp_path / "plain-checkpoint"
     shutil.copytree(out / f"checkpoint-{SAVE}", plain)
     os.remove(plain / PRUNING_STATE_NAME)
-    trainer = make_trainer(str(tmp_path / "out"), max_steps=STEPS)
+    trainer = make_trainer(str(tmp_path / "out"), max_steps=STEPS, pruning_criterion=straight.args.pruning_criterion)
     with pytest.raises(ResumeError, match="not written by LoRAPruneTrainer"):
         trainer.train(resume_from_checkpoint=str(plain))
 
 
 def test_checkpoint_for_other_model_is_refused(runs, tmp_path):
-    _, _, out = runs
-    trainer = make_trainer(str(tmp_path / "out"), max_steps=STEPS, arch="llama-mha")
+    straight, _, out = runs
+    trainer = make_trainer(str(tmp_path / "out"), max_steps=STEPS, arch="llama-mha",
+                           pruning_criterion=straight.args.pruning_criterion)
     with pytest.raises(ResumeError, match="another model structure"):
         trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))

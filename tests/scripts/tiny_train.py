@@ -63,8 +63,10 @@ def main() -> None:
     p.add_argument("--per_device_batch", type=int, default=4)
     p.add_argument("--grad_accum", type=int, default=2)
     p.add_argument("--prune_freq", type=int, default=2)
+    p.add_argument("--criterion", default="lora")
     a = p.parse_args()
-    trainer = make_trainer(a.output_dir, a.max_steps, a.per_device_batch, a.grad_accum, a.prune_freq)
+    trainer = make_trainer(a.output_dir, a.max_steps, a.per_device_batch, a.grad_accum, a.prune_freq,
+                           pruning_criterion=a.criterion)
     trainer.train()
     dump(trainer, a.dump)
 
