@@ -1,8 +1,8 @@
-"""Perplexity and zero-shot evaluation with the protocol recorded next to every number.
+"""Perplexity with its protocol, and the loaders of the evaluation text (local files or the Hub).
 
 Perplexity numbers are only comparable within one protocol (window, stride, BOS handling, text
 join, dtype), so :func:`perplexity` returns the protocol together with the number and
-:func:`write_result` never writes one without the other.
+:func:`~loraprune_trainer.evaluation.records.write_result` never writes one without the other.
 
 Protocols (named presets):
 
@@ -16,15 +16,14 @@ Protocols (named presets):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import tempfile
-from importlib.metadata import PackageNotFoundError, version
 
 import torch
 import torch.nn.functional as F
+
+from .records import _model_device, _model_dtype, _sha256_file, _sha256_text, _text_config, library_versions
 
 PROTOCOLS: dict[str, dict] = {
     "llm-pruner": {"window": 128, "description": "non-overlapping 128-token windows over the once-tokenized split "
@@ -51,33 +50,6 @@ _FOLDER_FILES = {
 _SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
 # With no split given, a folder's evaluation file is the one the standard protocol uses.
 _DEFAULT_FOLDER_FILES = ("wiki.test.raw", "ptb.valid.txt")
-
-_VERSIONED_PACKAGES = ("torch", "transformers", "peft", "tokenizers", "datasets", "loraprune-trainer")
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    """Installed versions of the packages that can change a number."""
-    out = {}
-    for pkg in _VERSIONED_PACKAGES + ("lm_eval",):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            if pkg != "lm_eval":
-                out[pkg] = "not installed"
-    return out
-
 
 def _resolve_folder(folder: str, split: str | None) -> str:
     if split is not None:
@@ -178,11 +150,6 @@ def _load_hub_text(name: str, split: str | None) -> tuple[str, dict]:
     return text, meta
 
 
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _resolve_window(model, protocol: str, window: int | None) -> int:
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}.")
@@ -211,18 +178,6 @@ def _special_tokens_added(tokenizer) -> tuple[list[int], list[int]]:
 def _window_starts(num_tokens: int, window: int, stride: int) -> list[int]:
     """Start offsets of every full window; the remainder that does not fill a window is dropped."""
     return list(range(0, num_tokens - window + 1, stride))
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(p.device for p in model.parameters() if p.device.type != "meta")
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _model_dtype(model) -> str:
-    dtypes = {str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point()}
-    return ",".join(sorted(dtypes)) if dtypes else "none"
 
 
 def perplexity(model, tokenizer, text: str, protocol: str = "llm-pruner", window: int | None = None,
@@ -329,139 +284,7 @@ def perplexity(model, tokenizer, text: str, protocol: str = "llm-pruner", window
             "num_windows": len(starts), "protocol": record}
 
 
-def write_result(path: str, result: dict) -> str:
-    """Write ``result`` as JSON to ``path`` atomically (a temporary file in the same folder, then
-    renamed), so a reader never sees half a file. Every perplexity must carry its protocol.
-    Returns the absolute path."""
-    _check_protocols(result)
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
-
-def _check_protocols(obj, where: str = "result") -> None:
-    """Refuse a ``perplexity`` number that has no ``protocol`` next to it, at any depth."""
-    if isinstance(obj, dict):
-        if "perplexity" in obj and isinstance(obj["perplexity"], (int, float)) and "protocol" not in obj:
-            raise ValueError(f"{where} has a perplexity without its protocol: write what `perplexity()` returned.")
-        for k, v in obj.items():
-            _check_protocols(v, f"{where}[{k!r}]")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            _check_protocols(v, f"{where}[{i}]")
-
-
-# -- zero-shot accuracy through lm-evaluation-harness ---------------------------------------------------
-STANDARD_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-
-
-def _import_lm_eval():
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as e:
-        raise ImportError(
-            "Zero-shot accuracy needs lm-evaluation-harness: `pip install 'loraprune-trainer[eval]'` "
-            f"(or `pip install lm-eval`). Import failed with: {e}"
-        ) from e
-    return lm_eval, HFLM, TaskManager
-
-
-def _task_manager(TaskManager, tasks: list[str], include_path: str | None):
-    """A TaskManager that knows ``tasks``. Indexing lm-eval's thousands of built-in task files is slow,
-    so a run whose tasks all live in ``include_path`` skips them."""
-    if include_path is not None:
-        if not os.path.isdir(include_path):
-            raise FileNotFoundError(f"Task folder {include_path!r} does not exist: pass a folder of lm-eval task "
-                                    "YAML files as `include_path` (CLI: --task_dir).")
-        local = TaskManager(include_path=include_path, include_defaults=False)
-        if all(t in local.all_tasks for t in tasks):
-            return local
-    manager = TaskManager(include_path=include_path)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise ValueError(f"Unknown lm-eval task(s) {unknown}: use names from `lm-eval ls tasks` (e.g. "
-                         f"{', '.join(STANDARD_TASKS)}) or pass the folder of your task YAML as `include_path`.")
-    return manager
-
-
-def zero_shot(model, tokenizer, tasks: list[str] | str, include_path: str | None = None, num_fewshot: int = 0,
-              batch_size: int = 8, limit: int | float | None = None, max_length: int | None = None,
-              seed: int = 1234) -> dict:
-    """Zero-shot (or ``num_fewshot``-shot) accuracy of an in-memory ``model`` on lm-eval ``tasks``.
-
-    ``model`` is a transformers model, a PEFT model or a masked model in training; it is wrapped in
-    lm-eval's ``HFLM(pretrained=model, tokenizer=tokenizer)``, so nothing is reloaded. ``tasks`` are lm-eval
-    names (``piqa``, ``hellaswag``, ... need the Hub or a datasets cache) or names of YAML tasks in
-    ``include_path``. ``limit`` caps the examples per task (recorded; numbers with a limit are not the
-    standard ones).
-
-    Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "num_samples",
-    "num_samples_total", "version"}}, "protocol": {...}}``.
-    """
-    lm_eval, HFLM, TaskManager = _import_lm_eval()
-    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    tasks = [t for t in tasks if t]
-    if not tasks:
-        raise ValueError("`tasks` is empty: pass lm-eval task names, e.g. \"piqa,arc_easy\".")
-    manager = _task_manager(TaskManager, tasks, include_path)
-
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, task_manager=manager,
-                                      limit=limit, log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed)
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-    results = {}
-    for name in tasks:
-        metrics = out["results"].get(name, {})
-        entry = {}
-        for metric in ("acc", "acc_norm"):
-            if f"{metric},none" in metrics:
-                entry[metric] = float(metrics[f"{metric},none"])
-                stderr = metrics.get(f"{metric}_stderr,none")
-                entry[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else None
-        counts = out.get("n-samples", {}).get(name, {})
-        entry["num_samples"] = counts.get("effective")
-        entry["num_samples_total"] = counts.get("original")
-        entry["version"] = out.get("versions", {}).get(name)
-        results[name] = entry
-    protocol = {
-        "harness": "lm-evaluation-harness",
-        "num_fewshot": num_fewshot,
-        "limit": limit,
-        "batch_size": batch_size,
-        "max_length": lm.max_length,
-        "add_bos_token": getattr(lm, "add_bos_token", None),
-        "include_path": os.path.abspath(include_path) if include_path else None,
-        "seed": seed,
-        "dtype": _model_dtype(model),
-        "model": getattr(_text_config(model), "_name_or_path", None),
-        "versions": library_versions(),
-    }
-    return {"tasks": results, "protocol": protocol}
-
-
-# -- whole evaluations: several datasets (and tasks) for one model ---------------------------------------
 def parse_dataset_specs(specs: list[str] | dict[str, str]) -> dict[str, str]:
     """``["wikitext2=/data/wiki.test.raw", "ptb"]`` -> ``{"wikitext2": "/data/wiki.test.raw", "ptb": "ptb"}``.
     A bare Hub name stands for itself; a bare path is named after its file."""
@@ -486,61 +309,3 @@ def load_texts(specs: list[str] | dict[str, str]) -> dict[str, tuple[str, dict]]
     return {name: load_text(source) for name, source in parse_dataset_specs(specs).items()}
 
 
-def evaluate_model(model, tokenizer, datasets: list[str] | dict[str, str] | None = None,
-                   protocol: str = "llm-pruner", tasks: list[str] | str | None = None, task_dir: str | None = None,
-                   num_fewshot: int = 0, limit: int | float | None = None, texts: dict | None = None,
-                   **perplexity_kwargs) -> dict:
-    """Perplexity on every dataset (and optionally lm-eval ``tasks``) for an in-memory model.
-
-    Returns ``{"perplexity": {name: perplexity(...) result}, "zero_shot": zero_shot(...) result or None}``.
-    ``texts`` (from :func:`load_texts`) skips reloading the datasets.
-    """
-    texts = texts if texts is not None else load_texts(datasets or [])
-    out = {"perplexity": {}, "zero_shot": None}
-    for name, (text, meta) in texts.items():
-        out["perplexity"][name] = perplexity(model, tokenizer, text, protocol=protocol,
-                                             metadata={"name": name, **meta}, **perplexity_kwargs)
-    if tasks:
-        batch_size = perplexity_kwargs.get("batch_size", 8)
-        out["zero_shot"] = zero_shot(model, tokenizer, tasks, include_path=task_dir, num_fewshot=num_fewshot,
-                                     batch_size=batch_size, limit=limit)
-    return out
-
-
-def evaluate_folder(path: str, datasets: list[str] | dict[str, str] | None = None, protocol: str = "llm-pruner",
-                    gguf_file: str | None = None, dtype: str | torch.dtype | None = None, device: str | None = None,
-                    tasks: list[str] | str | None = None, task_dir: str | None = None, out: str | None = None,
-                    **kwargs) -> dict:
-    """Load a model folder (e.g. a pruned model written by ``save_pruned_model``), a Hub id, a GGUF file or
-    ``"smollm2-gguf"`` with stock ``AutoModelForCausalLM.from_pretrained`` and evaluate it with
-    :func:`evaluate_model`. The datasets are read first, so a missing file fails before the model loads.
-    ``out`` writes the result with :func:`write_result`. Returns the result, with a ``"model"`` entry
-    (source, parameter count, and the folder's ``pruning_report.json`` summary if it has one)."""
-    from .loading import load_model_and_tokenizer
-
-    texts = load_texts(datasets or [])
-    if tasks:
-        _import_lm_eval()  # fail before the model loads, not after
-    model, tokenizer = load_model_and_tokenizer(path, gguf_file=gguf_file, dtype=dtype)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    result = evaluate_model(model, tokenizer, protocol=protocol, tasks=tasks, task_dir=task_dir, texts=texts, **kwargs)
-    info = {"source": path, "gguf_file": gguf_file, "requested_dtype": str(dtype) if dtype is not None else None,
-            "num_parameters": sum(p.numel() for p in model.parameters())}
-    report = os.path.join(path, "pruning_report.json") if os.path.isdir(path) else None
-    if report and os.path.isfile(report):
-        with open(report, encoding="utf-8") as f:
-            pruning = json.load(f)
-        info["pruning_report"] = {"parameters": pruning.get("parameters"), "settings": pruning.get("settings")}
-    result = {"model": info, **result}
-    if out:
-        write_result(out, result)
-    return result
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Console entry point ``loraprune-eval``; see :mod:`loraprune_trainer.eval`."""
-    from .eval import main as cli_main
-
-    return cli_main(argv)

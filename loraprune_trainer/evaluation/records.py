@@ -1,0 +1,94 @@
+"""What every number carries: library versions, file hashes, the model's dtype and device, and result files
+that refuse a perplexity without its protocol."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+_VERSIONED_PACKAGES = ("torch", "transformers", "peft", "tokenizers", "datasets", "loraprune-trainer")
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the packages that can change a number."""
+    out = {}
+    for pkg in _VERSIONED_PACKAGES + ("lm_eval",):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            if pkg != "lm_eval":
+                out[pkg] = "not installed"
+    return out
+
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(p.device for p in model.parameters() if p.device.type != "meta")
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _model_dtype(model) -> str:
+    dtypes = {str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point()}
+    return ",".join(sorted(dtypes)) if dtypes else "none"
+
+
+
+def write_result(path: str, result: dict) -> str:
+    """Write ``result`` as JSON to ``path`` atomically (a temporary file in the same folder, then
+    renamed), so a reader never sees half a file. Every perplexity must carry its protocol.
+    Returns the absolute path."""
+    _check_protocols(result)
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _check_protocols(obj, where: str = "result") -> None:
+    """Refuse a ``perplexity`` number that has no ``protocol`` next to it, at any depth."""
+    if isinstance(obj, dict):
+        if "perplexity" in obj and isinstance(obj["perplexity"], (int, float)) and "protocol" not in obj:
+            raise ValueError(f"{where} has a perplexity without its protocol: write what `perplexity()` returned.")
+        for k, v in obj.items():
+            _check_protocols(v, f"{where}[{k!r}]")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_protocols(v, f"{where}[{i}]")
+
