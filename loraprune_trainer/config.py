@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from .criteria import CRITERIA, SCORE_FORMS
+from .distill import DISTILL_TEACHERS
 from .schedule import SCHEDULES
 from .structure import ATTENTION_UNITS
 
@@ -21,6 +22,13 @@ class LoRAPruneConfig(SFTConfig):
 
         pruning_ratio (`float`, defaults to `0.5`):
             Fraction of attention units and of MLP channels removed in every decoder layer, in [0, 1).
+            Ignored when `param_pruning_ratio` is set.
+        param_pruning_ratio (`float`, *optional*):
+            Fraction of the decoder layers' parameters to remove, in (0, 1): the trainer picks the attention and
+            MLP unit counts that reach it as closely as the head layout allows, never removing less. With
+            `attention_pruning_ratio` (or `mlp_pruning_ratio`) also set, that kind is fixed and the other one is
+            solved for (`attention_pruning_ratio=0` takes the whole budget from the MLPs); otherwise attention
+            units are pruned at the budget's ratio and the MLPs make up the rest.
         attention_pruning_ratio (`float`, *optional*):
             Overrides `pruning_ratio` for attention units (0 keeps every head).
         mlp_pruning_ratio (`float`, *optional*):
@@ -40,6 +48,19 @@ class LoRAPruneConfig(SFTConfig):
             L2-normalise each matrix's unit scores before summing them over a group (authors' code).
         ema_lambda (`float`, defaults to `0.9`):
             Moving-average factor of Eq. 11, in [0, 1): S <- lambda * S + (1 - lambda) * I.
+
+        > Recovery: distillation from the unpruned model
+
+        distill_alpha (`float`, defaults to `0.0`):
+            Weight of the distillation term, in [0, 1]: loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student).
+            0 trains on cross-entropy alone (no teacher forward).
+        distill_temperature (`float`, defaults to `1.0`):
+            Temperature T of both distributions in the KL term (> 0).
+        distill_teacher (`str`, defaults to `"base"`):
+            `"base"`: the original model (adapters disabled, masks off), for compression on general text;
+            `"dense"`: the current fine-tuned model unpruned (adapters on, masks off), for task fine-tuning.
+        distill_chunk_size (`int`, defaults to `1024`):
+            Positions whose logits are built at once for the distillation loss (bounds memory on large vocabularies).
 
         > When units are removed
 
@@ -62,6 +83,10 @@ class LoRAPruneConfig(SFTConfig):
         default=None, metadata={"help": "Overrides `pruning_ratio` for attention units."}
     )
     mlp_pruning_ratio: float | None = field(default=None, metadata={"help": "Overrides `pruning_ratio` for MLP channels."})
+    param_pruning_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Fraction of the decoder layers' parameters to remove (takes the place of `pruning_ratio`)."},
+    )
     attention_unit: str = field(
         default="kv_group",
         metadata={"help": "GQA attention unit: a whole KV group, or query heads evenly inside every KV group.",
@@ -78,6 +103,18 @@ class LoRAPruneConfig(SFTConfig):
         default=False, metadata={"help": "L2-normalise each matrix's unit scores before summing over a group."}
     )
     ema_lambda: float = field(default=0.9, metadata={"help": "Moving-average factor of the scores, in [0, 1)."})
+    distill_alpha: float = field(
+        default=0.0, metadata={"help": "Weight of the KL(teacher || student) term in [0, 1]; 0 disables distillation."}
+    )
+    distill_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature (> 0)."})
+    distill_teacher: str = field(
+        default="base",
+        metadata={"help": "`base`: original model; `dense`: fine-tuned model with masks off.",
+                  "choices": list(DISTILL_TEACHERS)},
+    )
+    distill_chunk_size: int = field(
+        default=1024, metadata={"help": "Positions whose logits are built at once for the distillation loss."}
+    )
     prune_freq: int = field(default=10, metadata={"help": "Optimizer steps between mask updates."})
     pruning_schedule: str = field(
         default="cubic", metadata={"help": "Sparsity schedule.", "choices": list(SCHEDULES)}
@@ -94,6 +131,22 @@ class LoRAPruneConfig(SFTConfig):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {value}")
+        if self.param_pruning_ratio is not None:
+            if not 0.0 < self.param_pruning_ratio < 1.0:
+                raise ValueError(f"`param_pruning_ratio` must be in (0, 1), got {self.param_pruning_ratio}")
+            if self.attention_pruning_ratio is not None and self.mlp_pruning_ratio is not None:
+                raise ValueError(
+                    "Set at most one of `attention_pruning_ratio` and `mlp_pruning_ratio` with `param_pruning_ratio`: "
+                    "the budget decides the other one (e.g. `attention_pruning_ratio=0` takes it from the MLPs)."
+                )
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"`distill_alpha` must be in [0, 1], got {self.distill_alpha}")
+        if not self.distill_temperature > 0.0:
+            raise ValueError(f"`distill_temperature` must be > 0, got {self.distill_temperature}")
+        if self.distill_teacher not in DISTILL_TEACHERS:
+            raise ValueError(f"`distill_teacher` must be one of {DISTILL_TEACHERS}, got {self.distill_teacher!r}")
+        if not (isinstance(self.distill_chunk_size, int) and self.distill_chunk_size >= 1):
+            raise ValueError(f"`distill_chunk_size` must be an integer >= 1, got {self.distill_chunk_size!r}")
         if not 0.0 <= self.ema_lambda < 1.0:
             raise ValueError(f"`ema_lambda` must be in [0, 1), got {self.ema_lambda}")
         if not (isinstance(self.prune_freq, int) and self.prune_freq >= 1):
@@ -128,8 +181,8 @@ class LoRAPruneConfig(SFTConfig):
     def pruning_settings(self) -> dict:
         """The fields that define a pruning run (recorded in reports and checked on resume)."""
         names = [
-            "pruning_ratio", "attention_pruning_ratio", "mlp_pruning_ratio", "attention_unit", "pruning_criterion",
-            "score_form", "normalize_scores", "ema_lambda", "prune_freq", "pruning_schedule",
-            "pruning_warmup_ratio", "pruning_cooldown_ratio",
+            "pruning_ratio", "attention_pruning_ratio", "mlp_pruning_ratio", "param_pruning_ratio", "attention_unit",
+            "pruning_criterion", "score_form", "normalize_scores", "ema_lambda", "prune_freq", "pruning_schedule",
+            "pruning_warmup_ratio", "pruning_cooldown_ratio", "distill_alpha", "distill_temperature", "distill_teacher",
         ]
         return {n: getattr(self, n) for n in names}

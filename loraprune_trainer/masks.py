@@ -8,12 +8,13 @@ as deleting those columns of the base weight and of LoRA's ``A``; zeroing q/k al
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 from torch import nn
 
-from .structure import COLUMNS, ModelStructure, UnitGroup
+from .structure import COLUMNS, ModelStructure, UnitGroup, unit_parameters
 
 
 class PruningState:
@@ -110,19 +111,7 @@ class PruningState:
 
     def removed_parameters(self) -> int:
         """Base-model parameters (weights and biases) that cutting the pruned units removes."""
-        removed = 0
-        for name, group in self.groups.items():
-            pruned = self.num_pruned(name)
-            if not pruned:
-                continue
-            for member in group.members:
-                module = self.structure.module(group, member)
-                base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-                other = base.in_features if member.dim != COLUMNS else base.out_features
-                removed += pruned * member.unit_size * other
-                if member.dim != COLUMNS and getattr(base, "bias", None) is not None:
-                    removed += pruned * member.unit_size
-        return removed
+        return sum(self.num_pruned(name) * unit_parameters(self.structure, group) for name, group in self.groups.items())
 
 
 def _expanded_mask(group: UnitGroup, keep: torch.Tensor, member_unit_size: int) -> torch.Tensor:
@@ -135,6 +124,7 @@ class MaskHooks:
 
     def __init__(self, state: PruningState):
         self.state = state
+        self.enabled = True
         self.handles = []
         self._cache: dict[tuple, torch.Tensor] = {}
         for name, group in state.groups.items():
@@ -146,7 +136,7 @@ class MaskHooks:
     def _make_hook(self, name: str, group: UnitGroup, member):
         def hook(module: nn.Module, args):
             x = args[0]
-            if bool(self.state.keep[name].all()):
+            if not self.enabled or bool(self.state.keep[name].all()):
                 return None
             key = (name, self.state.version, x.device, x.dtype)
             mask = self._cache.get(key)
@@ -157,6 +147,15 @@ class MaskHooks:
             return (x * mask, *args[1:])  # [..., in_features] * [in_features]
 
         return hook
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Inside the block the model computes as if nothing were pruned (the distillation teacher)."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
 
     def remove(self) -> None:
         for h in self.handles:

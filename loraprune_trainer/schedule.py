@@ -39,6 +39,68 @@ def final_prune_count(group: UnitGroup, ratio: float) -> int:
     return min(_round_half_up(ratio * group.num_units), group.num_units - 1)
 
 
+def allowed_prune_counts(group: UnitGroup) -> list[int]:
+    """Every final count :func:`final_prune_count` can return for ``group``, ascending."""
+    per_kv = group.units_per_kv_group
+    if per_kv > 1:
+        num_kv_groups = group.num_units // per_kv
+        return [k * num_kv_groups for k in range(per_kv)]
+    return list(range(group.num_units))
+
+
+class UnreachableBudgetError(ValueError):
+    """No unit counts the layout allows remove the requested share of parameters."""
+
+
+def budget_prune_counts(attention: UnitGroup, mlp: UnitGroup, attention_unit_params: int, mlp_unit_params: int,
+                        num_layers: int, decoder_params: int, param_ratio: float,
+                        attention_ratio: float | None = None, mlp_ratio: float | None = None) -> tuple[int, int]:
+    """Per-layer ``(attention units, MLP channels)`` to prune so that at least ``param_ratio`` of the
+    decoder layers' ``decoder_params`` parameters go, as little above it as the layout allows.
+
+    Every layer prunes the same counts. A given per-kind ratio fixes that kind (rounded like
+    :func:`final_prune_count`) and the other kind is solved for; with neither, attention is pruned at
+    the budget's own ratio (at most what the budget allows) and the MLP channels, the fine-grained
+    kind, make up the rest. Raises :class:`UnreachableBudgetError` when even pruning all but one unit
+    of the free kind falls short.
+    """
+    target = param_ratio * decoder_params
+
+    def removed(a: int, m: int) -> int:
+        return num_layers * (a * attention_unit_params + m * mlp_unit_params)
+
+    def fail(detail: str, most: int):
+        raise UnreachableBudgetError(
+            f"`param_pruning_ratio`={param_ratio:g} is out of reach: {detail}, so at most {most / decoder_params:.1%} "
+            "of the decoder parameters can go. Lower the budget, or leave the other kind of unit free.")
+
+    def mlp_channels_for(a: int) -> int:
+        return max(0, math.ceil((target - removed(a, 0)) / (num_layers * mlp_unit_params)))
+
+    max_a, max_m = max(allowed_prune_counts(attention)), max(allowed_prune_counts(mlp))
+    if attention_ratio is not None:
+        a = final_prune_count(attention, attention_ratio)
+        if mlp_channels_for(a) > max_m:
+            fail(f"with {a} of {attention.num_units} attention units per layer fixed, the MLPs would need "
+                 f"{mlp_channels_for(a)} of {mlp.num_units} channels", removed(a, max_m))
+        return a, mlp_channels_for(a)
+    if mlp_ratio is not None:
+        m = final_prune_count(mlp, mlp_ratio)
+        for a in allowed_prune_counts(attention):
+            if removed(a, m) >= target:
+                return a, m
+        fail(f"with {m} of {mlp.num_units} MLP channels per layer fixed, attention cannot make up the rest",
+             removed(max_a, m))
+    # Attention at the budget's ratio (no more than the budget itself), the MLPs fill the rest; if they
+    # cannot, more attention units go.
+    first = min(final_prune_count(attention, param_ratio),
+                max(c for c in allowed_prune_counts(attention) if removed(c, 0) <= target))
+    for a in [c for c in allowed_prune_counts(attention) if c >= first]:
+        if mlp_channels_for(a) <= max_m:
+            return a, mlp_channels_for(a)
+    fail("pruning all but one unit of each kind per layer falls short", removed(max_a, max_m))
+
+
 def scheduled_prune_count(group: UnitGroup, final_count: int, progress: float) -> int:
     """Units pruned at ``progress`` in [0, 1] on the way to ``final_count`` (a multiple of the number
     of KV groups when units share KV heads); exactly ``final_count`` at progress 1."""

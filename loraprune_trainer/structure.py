@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 # model_type -> nothing else needed: these share the Llama decoder layer layout
@@ -225,6 +226,30 @@ def discover_structure(model: nn.Module, attention_unit: str = "kv_group") -> Mo
         attention=attention,
         mlp=mlp,
     )
+
+
+def unit_parameters(structure: ModelStructure, group: UnitGroup) -> int:
+    """Base-model parameters (weights and biases) that cutting one unit of ``group`` removes."""
+    total = 0
+    for member in group.members:
+        module = structure.module(group, member)
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        other = base.out_features if member.dim == COLUMNS else base.in_features
+        total += member.unit_size * other
+        if member.dim == ROWS and getattr(base, "bias", None) is not None:
+            total += member.unit_size
+    return total
+
+
+def decoder_parameters(structure: ModelStructure) -> int:
+    """Base-model parameters of all decoder layers (LoRA excluded; logical shapes of 8/4-bit weights)."""
+    total = 0
+    for layer in structure.layers:
+        for name, p in layer.named_parameters():
+            if "lora_" in name:
+                continue
+            total += int(torch.Size(p.quant_state.shape).numel()) if hasattr(p, "quant_state") else p.numel()
+    return total
 
 
 def lora_coverage_problems(target_modules, model_structure_paths=ALL_PROJECTIONS) -> list[str]:

@@ -17,8 +17,10 @@ from .criteria import build_criterion
 from .distributed import check_distributed_backend
 from .masks import MaskHooks, PruningState
 from .resume import check_total_steps, load_pruning_checkpoint, resolve_checkpoint, save_pruning_checkpoint
-from .schedule import PruningSchedule, final_prune_count
-from .structure import check_supported_config, discover_structure, lora_coverage_problems
+from .distill import BackboneOutput, backbone_and_head, distill_sums, head_weights, teacher_mode
+from .schedule import PruningSchedule, budget_prune_counts, final_prune_count
+from .structure import (check_supported_config, decoder_parameters, discover_structure, lora_coverage_problems,
+                        unit_parameters)
 
 logger = logging.getLogger(__name__)
 
@@ -143,10 +145,9 @@ class LoRAPruneTrainer(SFTTrainer):
         self.mask_hooks = MaskHooks(self.pruning_state)
         self.criterion = build_criterion(args.pruning_criterion, args.score_form, args.normalize_scores)
         self.criterion.setup(self)  # criteria that need hooks or extra gradients install them here
-        self.final_prune_counts = {
-            g.name: final_prune_count(g, args.attention_ratio if g.kind == "attention" else args.mlp_ratio)
-            for g in self.structure.groups()
-        }
+        self.final_prune_counts = self._final_prune_counts()
+        if args.distill_alpha > 0:
+            head_weights(backbone_and_head(self.model)[1])  # refuses a LoRA adapter on the LM head now
         self._warn_about_rounding()
         self._params_before = count_base_parameters(self.model)
         self.pruning_callback = LoRAPruneCallback(self)
@@ -168,6 +169,19 @@ class LoRAPruneTrainer(SFTTrainer):
             for p in frozen:
                 p.requires_grad_(True)
 
+    def _final_prune_counts(self) -> dict[str, int]:
+        """Units to prune per group at the end: from the per-kind ratios, or solved from
+        ``param_pruning_ratio`` (same counts in every layer)."""
+        args, structure = self.args, self.structure
+        if args.param_pruning_ratio is None:
+            return {g.name: final_prune_count(g, args.attention_ratio if g.kind == "attention" else args.mlp_ratio)
+                    for g in structure.groups()}
+        attn, mlp = structure.attention[0], structure.mlp[0]
+        a, m = budget_prune_counts(attn, mlp, unit_parameters(structure, attn), unit_parameters(structure, mlp),
+                                   structure.num_layers, decoder_parameters(structure), args.param_pruning_ratio,
+                                   args.attention_pruning_ratio, args.mlp_pruning_ratio)
+        return {g.name: a if g.kind == "attention" else m for g in structure.groups()}
+
     # -- pruning plumbing used by the callback ---------------------------------------------------
     def make_schedule(self, total_steps: int) -> PruningSchedule:
         check_total_steps(self._resume_meta, total_steps)
@@ -181,19 +195,26 @@ class LoRAPruneTrainer(SFTTrainer):
         return changed
 
     def target_summary(self) -> dict:
-        """Requested and achieved (after rounding) unit counts per layer."""
+        """Requested and achieved (after rounding) unit counts per layer, and the parameter budget."""
         attn = self.structure.attention[0]
         mlp = self.structure.mlp[0]
+        decoder = decoder_parameters(self.structure)
+        removed = sum(count * unit_parameters(self.structure, self.pruning_state.groups[name])
+                      for name, count in self.final_prune_counts.items())
+        budget = self.args.param_pruning_ratio
         return {
+            "decoder_parameters": decoder,
+            "param_requested_ratio": budget,
+            "param_achieved_ratio": removed / decoder,
             "attention_unit": self.structure.attention_unit,
             "attention_units_per_layer": attn.num_units,
             "attention_units_pruned_per_layer": self.final_prune_counts[attn.name],
-            "attention_requested_ratio": self.args.attention_ratio,
+            "attention_requested_ratio": self.args.attention_ratio if budget is None else self.args.attention_pruning_ratio,
             "attention_achieved_ratio": self.final_prune_counts[attn.name] / attn.num_units,
             "heads_pruned_per_layer": self.final_prune_counts[attn.name] * attn.heads_per_unit,
             "mlp_channels_per_layer": mlp.num_units,
             "mlp_channels_pruned_per_layer": self.final_prune_counts[mlp.name],
-            "mlp_requested_ratio": self.args.mlp_ratio,
+            "mlp_requested_ratio": self.args.mlp_ratio if budget is None else self.args.mlp_pruning_ratio,
             "mlp_achieved_ratio": self.final_prune_counts[mlp.name] / mlp.num_units,
         }
 
@@ -201,7 +222,7 @@ class LoRAPruneTrainer(SFTTrainer):
         s = self.target_summary()
         for kind, unit in (("attention", "attention units"), ("mlp", "MLP channels")):
             requested, achieved = s[f"{kind}_requested_ratio"], s[f"{kind}_achieved_ratio"]
-            if abs(requested - achieved) > 1e-3:
+            if requested is not None and abs(requested - achieved) > 1e-3:
                 total = s["attention_units_per_layer"] if kind == "attention" else s["mlp_channels_per_layer"]
                 pruned = s["attention_units_pruned_per_layer"] if kind == "attention" else s[
                     "mlp_channels_pruned_per_layer"]
@@ -211,6 +232,48 @@ class LoRAPruneTrainer(SFTTrainer):
                     f"({self.structure.num_heads} query heads over {self.structure.num_kv_heads} KV heads).",
                     stacklevel=3,
                 )
+
+    # -- distillation ------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``SFTTrainer.compute_loss``, or with ``distill_alpha > 0`` in training:
+        ``(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)`` (see :mod:`loraprune_trainer.distill`).
+
+        One teacher forward without gradient and one student forward with it. Not TRL's fused-head
+        forward: its logits carry no gradient, so a KL term on them would train nothing."""
+        if self.args.distill_alpha == 0 or not model.training or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        args = self.args
+        ce_sum, kl_sum, num_tokens = self.distillation_sums(model, inputs)
+        denominator = torch.as_tensor(num_tokens if num_items_in_batch is None else num_items_in_batch,
+                                      device=ce_sum.device).clamp(min=1)
+        t2 = args.distill_temperature ** 2
+        loss = ((1 - args.distill_alpha) * ce_sum + args.distill_alpha * t2 * kl_sum) / denominator
+        # As TRL does: `num_items_in_batch` counts every rank's tokens, and DDP averages gradients over ranks.
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        n = self.accelerator.gather_for_metrics(num_tokens.detach()).sum().clamp(min=1)
+        for key, value in (("distill/ce", ce_sum), ("distill/kl", kl_sum)):
+            self._metrics["train"][key].append((self.accelerator.gather_for_metrics(value.detach()).sum() / n).item())
+        return loss
+
+    def distillation_sums(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ce_sum, kl_sum, num_tokens)`` of one micro-batch: the teacher (``distill_teacher``) runs
+        first under ``no_grad``, then the student (``model``, with gradient, through any DDP wrapper)."""
+        peft_model = self.accelerator.unwrap_model(model)
+        backbone, lm_head = backbone_and_head(peft_model)
+        forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        forward_inputs["use_cache"] = False
+        recorder = BackboneOutput(backbone)
+        try:
+            with teacher_mode(peft_model, self.mask_hooks, self.args.distill_teacher):
+                peft_model(**forward_inputs, logits_to_keep=1)  # the logits come from the chunked head below
+            teacher_hidden = recorder.hidden
+            model(**forward_inputs, logits_to_keep=1)
+            hidden = recorder.hidden
+        finally:
+            recorder.remove()
+        return distill_sums(hidden, teacher_hidden, inputs["labels"], head_weights(lm_head),
+                            self.args.distill_temperature, self.args.distill_chunk_size)
 
     # -- metrics -----------------------------------------------------------------------------------
     def pruning_metrics(self) -> dict[str, float]:
