@@ -41,6 +41,20 @@ def c4_texts(start: int = 0, count: int | None = None) -> list[str]:
     return docs[start:end]
 
 
+def jsonl_texts(relative: str) -> list[str]:
+    """The ``"text"`` field of every line of a JSONL file under the data folder."""
+    with open(data_file(relative)) as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (None where the OS has none)."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
 def machine_info() -> dict:
     """What ran the benchmark (recorded with every result)."""
     import torch

@@ -10,6 +10,9 @@ trainer), on GPU ``torch.cuda.max_memory_allocated``. Every step scores (no warm
 so the criterion's cost is in every timed step; the first ``--skip`` steps are not timed, and
 the median step time is reported (robust to other processes' load).
 
+Timings are written only if the machine was quiet (see ``bench/quiet.py``: ``--max-load``,
+``--allow-busy``); the load averages at start and end are in the JSON.
+
 CPU default: SmolLM2-135M, batch 2 x 64 tokens, 6 steps. GPU: ``--batch 8 --max-length 512 --steps 30``.
 """
 
@@ -28,6 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import quiet  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -40,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--skip", type=int, default=1, help="Untimed first steps.")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "criterion_cost.json"))
+    quiet.add_arguments(p)  # checked by the parent process only, around all the workers
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -133,6 +138,7 @@ def main(argv=None):
         with open(args.worker_out, "w") as f:
             json.dump(result, f)
         return
+    load_at_start = quiet.check_start(args)  # before starting any worker: a busy machine refuses in seconds
     results = []
     t_all = time.perf_counter()
     for crit in args.criteria:
@@ -159,13 +165,15 @@ def main(argv=None):
             row["mem_vs_vanilla_%"] = 100.0 * (r[mem_key] / by["vanilla"][mem_key] - 1)
             row["throughput_vs_vanilla_%"] = 100.0 * (r["tokens_per_s"] / by["vanilla"]["tokens_per_s"] - 1)
         rows.append(row)
+    load_fields = quiet.check_end(args, load_at_start, rows, results)  # refuses (writes nothing) on a busy machine
     table = common.print_table(rows, ["criterion", "peak_MiB", "above_ready_MiB", "step_s", "tokens/s", "score_s",
-                                      "mem_vs_vanilla_%", "throughput_vs_vanilla_%"], floatfmt="{:.2f}")
+                                      "mem_vs_vanilla_%", "throughput_vs_vanilla_%"]
+                               + (["busy"] if load_fields["busy"] else []), floatfmt="{:.2f}")
     common.write_json(args.out, {
         "benchmark": "criterion cost (Table 4)", "memory_metric": mem_key, "rows": rows, "table": table,
         "results": results, "settings": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
-        "machine": common.machine_info(), "command": common.command_line(),
-        "wall_s": time.perf_counter() - t_all,
+        "machine": quiet.with_start_load(common.machine_info(), load_fields), "command": common.command_line(),
+        "wall_s": time.perf_counter() - t_all, **load_fields,
     })
     plot(rows, mem_key, os.path.splitext(args.out)[0] + ".png")
 

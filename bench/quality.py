@@ -35,7 +35,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-CRITERIA = ["lora", "vanilla", "magnitude", "wanda", "random"]
+# Criterion variants: name -> LoRAPruneConfig fields. `lora-authors` is the authors' code: |G * W'| with
+# each matrix's unit scores L2-normalised before the group sum.
+VARIANTS = {
+    "lora": dict(pruning_criterion="lora"),
+    "lora-authors": dict(pruning_criterion="lora", score_form="abs", normalize_scores=True),
+    "taylor_gate": dict(pruning_criterion="taylor_gate"),
+    "vanilla": dict(pruning_criterion="vanilla"),
+    "wanda": dict(pruning_criterion="wanda"),
+    "magnitude": dict(pruning_criterion="magnitude"),
+    "random": dict(pruning_criterion="random"),
+}
+CRITERIA = list(VARIANTS)
 EVALS = [("wikitext2", "wikitext-2-raw/wiki.test.raw"), ("ptb", "ptb/ptb.valid.txt")]
 PROTOCOLS = ["llm-pruner", "full-context"]
 
@@ -45,8 +56,25 @@ logger = logging.getLogger("bench.quality")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-gguf", help="Model for load_model_and_tokenizer.")
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.2])
-    p.add_argument("--criteria", nargs="+", default=CRITERIA, choices=CRITERIA)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.2],
+                   help="pruning_ratio of each run (attention units and MLP channels per layer).")
+    p.add_argument("--attention-ratio", type=float, default=None,
+                   help="attention_pruning_ratio for every run (e.g. 0: MLP channels only).")
+    p.add_argument("--mlp-ratio", type=float, default=None, help="mlp_pruning_ratio for every run.")
+    p.add_argument("--param-ratio", type=float, default=None,
+                   help="param_pruning_ratio (share of decoder parameters) for every iterative run; --ratios then "
+                        "only names the runs.")
+    p.add_argument("--attention-unit", default="kv_group", choices=["kv_group", "query_head"])
+    p.add_argument("--distill-alpha", type=float, default=0.0)
+    p.add_argument("--distill-temperature", type=float, default=1.0)
+    p.add_argument("--distill-teacher", default="base", choices=["base", "dense"])
+    p.add_argument("--tag", default="", help="Suffix of every run id (to keep series apart in one folder).")
+    p.add_argument("--criteria", nargs="+", default=["lora", "vanilla", "magnitude", "wanda", "random"],
+                   choices=CRITERIA)
+    p.add_argument("--train-file", default="c4/c4_demo.jsonl",
+                   help="JSONL of {\"text\"} documents under the data folder; training uses documents 0..199 of "
+                        "c4_demo.jsonl (200.. calibrate) or every document of any other file.")
+    p.add_argument("--protocols", nargs="+", default=PROTOCOLS, choices=PROTOCOLS)
     p.add_argument("--modes", nargs="+", default=["iterative", "oneshot"], choices=["iterative", "oneshot"])
     p.add_argument("--steps", type=int, default=4, help="Optimizer steps of every fine-tune (both modes).")
     p.add_argument("--batch", type=int, default=2)
@@ -92,7 +120,7 @@ def evaluate(model, tok, texts, args) -> dict:
 
     out = {}
     for name, (text, meta) in texts.items():
-        for protocol in PROTOCOLS:
+        for protocol in args.protocols:
             if protocol == "full-context" and name not in args.full_context_on:
                 continue
             limit = args.windows if protocol == "llm-pruner" else args.full_windows
@@ -117,8 +145,11 @@ def run_iterative(base, tok, train_ds, criterion, ratio, args, tmp):
     from loraprune_trainer import LoRAPruneConfig, LoRAPruneTrainer
     from loraprune_trainer.oneshot import compact_model
 
-    cfg = LoRAPruneConfig(**train_kwargs(args, tmp), pruning_ratio=ratio, pruning_criterion=criterion,
-                          prune_freq=args.prune_freq)
+    cfg = LoRAPruneConfig(**train_kwargs(args, tmp), pruning_ratio=ratio, prune_freq=args.prune_freq,
+                          attention_pruning_ratio=args.attention_ratio, mlp_pruning_ratio=args.mlp_ratio,
+                          param_pruning_ratio=args.param_ratio, attention_unit=args.attention_unit,
+                          distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
+                          distill_teacher=args.distill_teacher, **VARIANTS[criterion])
     trainer = LoRAPruneTrainer(copy.deepcopy(base), cfg, train_dataset=train_ds, processing_class=tok,
                                peft_config=lora_config())
     t0 = time.perf_counter()
@@ -127,7 +158,7 @@ def run_iterative(base, tok, train_ds, criterion, ratio, args, tmp):
     model, _ = compact_model(trainer.model, trainer.pruning_state)
     info = {"train_s": train_s, "tokens_trained": int(trainer.state.num_input_tokens_seen),
             "steps": trainer.state.global_step, "target": trainer.target_summary(),
-            "final_loss": _last_loss(trainer)}
+            "final_loss": _last_loss(trainer), "log_history": trainer.state.log_history}
     del trainer
     return model, info
 
@@ -138,7 +169,11 @@ def run_oneshot(base, tok, train_ds, calib, criterion, ratio, args, tmp):
     from loraprune_trainer.oneshot import finetune_compact, oneshot_prune
 
     t0 = time.perf_counter()
-    result = oneshot_prune(copy.deepcopy(base), tok, calib, criterion=criterion, pruning_ratio=ratio,
+    variant = VARIANTS[criterion]
+    result = oneshot_prune(copy.deepcopy(base), tok, calib, criterion=variant["pruning_criterion"],
+                           pruning_ratio=ratio, attention_ratio=args.attention_ratio, mlp_ratio=args.mlp_ratio,
+                           score_form=variant.get("score_form", "square"),
+                           normalize_scores=variant.get("normalize_scores", False),
                            max_length=args.max_length, batch_size=args.batch, seed=args.seed)
     score_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -156,8 +191,8 @@ def _last_loss(trainer):
     return losses[-1] if losses else None
 
 
-def run_id(mode, criterion=None, ratio=None):
-    return "dense" if mode == "dense" else f"{mode}-{criterion}-r{ratio:g}"
+def run_id(mode, criterion=None, ratio=None, tag=""):
+    return "dense" if mode == "dense" else f"{mode}-{criterion}-r{ratio:g}{tag}"
 
 
 def main(argv=None):
@@ -181,8 +216,13 @@ def run_grid(args):
     if _cuda():
         base = base.cuda()
     texts = {name: load_text(common.data_file(rel)) for name, rel in EVALS}
-    # Training text: C4 documents 0..199; calibration: documents 200.. (disjoint).
-    train_ds = Dataset.from_list([{"text": t} for t in common.c4_texts(0, 200)])
+    # Training text: C4 documents 0..199 of the demo file, or a whole other file; calibration: documents
+    # 200.. of the demo file (disjoint from both).
+    if args.train_file == "c4/c4_demo.jsonl":
+        train_texts = common.c4_texts(0, 200)
+    else:
+        train_texts = common.jsonl_texts(args.train_file)
+    train_ds = Dataset.from_list([{"text": t} for t in train_texts])
     calib = common.c4_texts(200, args.calib_samples)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "report_only")}
 
@@ -190,12 +230,13 @@ def run_grid(args):
     # the one-shot runs, so a grid cut short by the clock still answers the main question.
     plan = [("dense", None, None)] + [(m, c, r) for r in args.ratios for m in args.modes for c in args.criteria]
     for mode, criterion, ratio in plan:
-        rid = run_id(mode, criterion, ratio)
+        rid = run_id(mode, criterion, ratio, args.tag)
         path = os.path.join(args.out, f"{rid}.json")
         if os.path.exists(path):
             logger.info("skip %s (done)", rid)
             continue
         logger.info("run %s", rid)
+        machine = common.machine_info()  # load average at the start of this run
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             if mode == "dense":
@@ -208,8 +249,8 @@ def run_grid(args):
         metrics = evaluate(model, tok, texts, args)
         record = {"run": rid, "mode": mode, "criterion": criterion, "ratio": ratio, "parameters": n_params(model),
                   "metrics": metrics, **info, "eval_s": time.perf_counter() - t1,
-                  "wall_s": time.perf_counter() - t0, "settings": settings, "machine": common.machine_info(),
-                  "command": common.command_line()}
+                  "wall_s": time.perf_counter() - t0, "settings": settings, "machine": machine,
+                  "load_average_at_end": common.load_average(), "command": common.command_line()}
         common.write_json(path, record)
         logger.info("done %s in %.0fs", rid, record["wall_s"])
         if model is not base:
