@@ -104,6 +104,11 @@ def main(script_args: ScriptArguments, training_args: LoRAPruneConfig, model_arg
                                peft_config=peft_config)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     summary["train_loss"] = train_result.training_loss
+    summary["settings"] = {"max_steps": trainer.state.max_steps, "max_length": training_args.max_length,
+                           "per_device_train_batch_size": training_args.per_device_train_batch_size,
+                           "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+                           "world_size": training_args.world_size, **trainer.target_summary(),
+                           **training_args.pruning_settings()}
 
     pruned_dir = _expand(script_args.pruned_output_dir) or os.path.join(training_args.output_dir, "pruned")
     report = trainer.save_pruned_model(pruned_dir)

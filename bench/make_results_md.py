@@ -164,28 +164,122 @@ def section_cost(parts):
     parts.append("![criterion cost](../bench/results/criterion_cost.png)\n")
 
 
-def section_masks(parts):
+def _runs(folder: str) -> list[dict]:
+    """Every finished run JSON of a ``bench/quality.py --out bench/results/<folder>`` series, oldest first."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(common.RESULTS_DIR, folder, "*.json")), key=os.path.getmtime)
+    return [common.read_json(p) for p in paths]
+
+
+def _load(values) -> str:
+    return f"{values[0]:.1f}" if values else "?"
+
+
+def _run_rows(runs: list[dict]) -> list[dict]:
+    """One table row per run: parameters, settings that vary, perplexities and their ratio to dense."""
+    dense = next((r for r in runs if r["mode"] == "dense"), None)
+    decoder = next((r["base_decoder_parameters"] for r in runs if r.get("base_decoder_parameters")), None)
+    rows = []
+    for r in runs:
+        s, target = r["settings"], r.get("target") or {}
+        removed = (dense["parameters"] - r["parameters"]) / decoder if dense and decoder and r is not dense else None
+        row = {"run": r["run"], "params_M": r["parameters"] / 1e6,
+               "decoder_removed_%": 100 * removed if removed is not None else None,
+               "attn_unit": target.get("attention_unit"), "attn_pruned": target.get("attention_units_pruned_per_layer"),
+               "mlp_pruned": target.get("mlp_channels_pruned_per_layer"),
+               "distill": s.get("distill_alpha", 0.0) if r["mode"] != "dense" else None,
+               "tokens": r.get("tokens_trained"), "train_min": r["train_s"] / 60 if r.get("train_s") else None,
+               "load_start/end": f"{_load(r['machine'].get('load_average_at_start'))} / "
+                                 f"{_load(r.get('load_average_at_end'))}"}
+        for key, v in r["metrics"].items():
+            name = key.split("/")[0]
+            row[name] = v["perplexity"]
+            if dense and key in dense["metrics"]:
+                row[f"{name} x dense"] = v["perplexity"] / dense["metrics"][key]["perplexity"]
+        rows.append(row)
+    return rows
+
+
+def _series_section(parts, folder: str, title: str, intro: str, missing: str) -> list[dict]:
+    parts.append(f"## {title}\n")
+    runs = _runs(folder)
+    if not runs:
+        parts.append(f"_Not run yet ({missing})._\n")
+        return []
+    commands = sorted({r["command"] for r in runs})
+    parts.append(intro + "\n")
+    parts.append("Commands (one JSON per run in `bench/results/" + folder + "/`):\n")
+    parts.extend(f"- `{c}`" for c in commands)
+    parts.append("")
+    rows = _run_rows(runs)
+    metric_cols = [c for c in ("wikitext2", "wikitext2 x dense", "ptb", "ptb x dense") if any(c in r for r in rows)]
+    parts.append(md_table(rows, ["run", "params_M", "decoder_removed_%", "attn_unit", "attn_pruned", "mlp_pruned",
+                                 "distill", *metric_cols, "tokens", "train_min", "load_start/end"]) + "\n")
+    return rows
+
+
+def section_criteria_check(parts):
+    rows = _series_section(
+        parts, "quick_check", "Which units to cut: criteria on the real model (MLP channels only)",
+        "SmolLM2-135M, 27% of MLP channels in every layer (20.3% of decoder parameters), attention whole; "
+        "LoRAPrune iterative (cubic schedule, masks every 5 steps), 60 steps x 4 x 128 tokens of "
+        "`c4/c4_train_sample.jsonl`, lr 3e-4; perplexity `llm-pruner` on the first 128 windows of WikiText-2 and "
+        "PTB. `lora-authors` is the authors' code variant (`score_form=abs`, `normalize_scores`). Training times "
+        "are wall times on the 2-core CPU with the load shown (other work shared the machine: the times are "
+        "indicative only; the perplexities do not depend on load).",
+        "`python bench/quality.py --out bench/results/quick_check ...`")
+    if rows:
+        ranked = sorted((r for r in rows if r["run"] != "dense"), key=lambda r: r.get("wikitext2", 1e9))
+        parts.append("Ranked by WikiText-2: " + ", ".join(f"{r['run'].split('-', 1)[1]} {r['wikitext2']:.1f}"
+                                                          for r in ranked) + ".\n")
+
+
+def section_recovery(parts):
+    _series_section(
+        parts, "recovery", "Recovery: parameter budgets, attention units and distillation",
+        "Same training and evaluation settings as the criterion check above (60 steps x 4 x 128 tokens, "
+        "`taylor_gate` criterion), varying the budget (`param_pruning_ratio` or per-kind ratios), the GQA attention "
+        "unit and self-distillation from the base model (`distill_alpha`, T = 1).",
+        "`python bench/quality.py --out bench/results/recovery ...`")
+
+
+def section_mask_agreement(parts):
     m = load("mask_agreement.json")
-    parts.append("## Mask agreement with the full-gradient criterion (paper Fig. 4)\n")
-    if not m:
+    parts.append("## Mask agreement with the exact group-Taylor reference\n")
+    if not m or "columns" not in m:
         parts.append("_Not run yet (`python bench/mask_agreement.py`)._\n")
         return
-    s = m["settings"]
+    parts.append(f"Command: `{m['command']}`; wall time {m['wall_s'] / 60:.1f} min; load at start/end "
+                 f"{_load(m['machine'].get('load_average_at_start'))} / {_load(m.get('load_average_at_end'))}.\n")
     parts.append(
-        f"Command: `{m['command']}`; wall time {m['wall_s'] / 60:.1f} min.  \nMachine: {machine_line(m['machine'])}.\n")
-    parts.append(
-        f"One-shot scores on the same {s['samples']} C4 documents (max {s['max_length']} tokens), attention unit "
-        f"`{s['attention_unit']}`; IoU of the pruned sets against `{m['reference']}`, pooled over the 30 layers. "
-        "`random_expected_iou` = p / (2 - p), what two random masks of the same size share, at the nominal ratio p "
-        "(attention rounds to whole query heads per KV group: 0 of 3 at 0.1, 1 of 3 at 0.2-0.4, 2 of 3 at 0.5, "
-        "so its random reference there is p = 1/3 -> 0.20 and p = 2/3 -> 0.50).\n")
-    cols = list(m["rows"][0].keys())
-    parts.append(md_table(m["rows"], cols, fmt="{:.3f}") + "\n")
-    lo = [(r["ratio"], r.get("lora_mlp_iou"), r["random_expected_iou"]) for r in m["rows"]]
-    if all(v is not None for _, v, _ in lo):
-        parts.append("- MLP channels, `lora` vs `vanilla`: " + ", ".join(f"{p:g}: {v:.2f} (random {e:.2f})"
-                                                                      for p, v, e in lo) + ".\n")
+        f"Reference: `taylor_gate` scored once on {m['reference_docs']} C4 documents (the first-order loss change of "
+        "removing each unit, from true gradients). Every criterion is scored once, with a fresh LoRA adapter as at "
+        "the start of training (so `lora` sees `G = gB A`), on `budget_docs` *other* documents. `*_spearman`: rank "
+        "correlation with the reference's scores within each layer, averaged over the 30 layers; `*_iou@p`: overlap "
+        "of the units pruned at ratio p, pooled over layers (attention: query heads, pruned evenly per KV group, so "
+        "0.1 rounds to none).\n")
+    parts.append(md_table(m["rows"], m["columns"], fmt="{:.3f}") + "\n")
     parts.append("![mask agreement](../bench/results/mask_agreement.png)\n")
+
+
+def section_overhead(parts):
+    o = load("overhead_cpu.json")
+    parts.append("## Step cost: criteria and distillation against plain LoRA fine-tuning\n")
+    if not o or "rows" not in o:
+        parts.append("_Not run yet (`python bench/overhead.py --variants ...`)._\n")
+        return
+    s = o["settings"]
+    busy = " **Busy machine: timings marked busy.**" if o.get("busy") else ""
+    parts.append(f"`python bench/overhead.py` with {s['variants']}, {s['rounds']} rounds, {s['steps']} measured steps "
+                 f"of {s['batch']} x {s['seq']} tokens, {s.get('threads') or 'default'} torch thread(s); load at "
+                 f"start/end {_load(o.get('load_average_at_start'))} / {_load(o.get('load_average_at_end'))}.{busy}\n")
+    parts.append(md_table(o["rows"], [c for c in ("variant", "step_s", "peak_rss_mib", "peak_cuda_mib", "step_time_ratio",
+                                                  "peak_memory_ratio", "pruning_s_per_step", "pruning_fraction_in_run")
+                                      if any(c in r for r in o["rows"])], fmt="{:.3f}") + "\n")
+    parts.append("`pruning_s_per_step` is the callback's own time (scoring and mask updates) inside the same steps; "
+                 "`taylor_gate`'s cost sits in the forward and backward passes instead (one multiply per gated "
+                 "layer), so only the step-time ratio shows it. `+kd` adds a teacher forward without gradient.\n")
 
 
 def section_speed(parts):
@@ -218,9 +312,12 @@ def main():
              "All runs are small CPU settings (2 shared cores) unless the machine line says otherwise: they check "
              "that the pipeline works end to end and show trends, not the paper's LLaMA-7B numbers. Each script has "
              "flags to scale up on a GPU (see its `--help`).\n"]
+    section_criteria_check(parts)
+    section_recovery(parts)
+    section_mask_agreement(parts)
+    section_overhead(parts)
     section_quality(parts)
     section_cost(parts)
-    section_masks(parts)
     section_speed(parts)
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:

@@ -225,6 +225,9 @@ def run_grid(args):
     train_ds = Dataset.from_list([{"text": t} for t in train_texts])
     calib = common.c4_texts(200, args.calib_samples)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "report_only")}
+    from loraprune_trainer.structure import decoder_parameters, discover_structure
+
+    base_decoder = decoder_parameters(discover_structure(base))
 
     # Mode-major within a ratio: every criterion's iterative run (the paper's comparison) comes before
     # the one-shot runs, so a grid cut short by the clock still answers the main question.
@@ -248,6 +251,7 @@ def run_grid(args):
         t1 = time.perf_counter()
         metrics = evaluate(model, tok, texts, args)
         record = {"run": rid, "mode": mode, "criterion": criterion, "ratio": ratio, "parameters": n_params(model),
+                  "base_decoder_parameters": base_decoder,
                   "metrics": metrics, **info, "eval_s": time.perf_counter() - t1,
                   "wall_s": time.perf_counter() - t0, "settings": settings, "machine": machine,
                   "load_average_at_end": common.load_average(), "command": common.command_line()}
@@ -283,12 +287,13 @@ def report(args):
     verdict = beats_baselines(runs)
     for line in verdict["lines"]:
         print(line)
-    common.write_json(os.path.join(common.RESULTS_DIR, "quality.json"), {
+    summary_path = args.out.rstrip("/") + ".json"  # bench/results/quality/ -> bench/results/quality.json
+    common.write_json(summary_path, {
         "benchmark": "quality (Table 2)", "rows": rows, "table": table, "verdict": verdict,
         "runs": runs, "command": latest.get("command"), "settings": latest.get("settings"),
         "machine": latest.get("machine"), "total_wall_s": sum(r["wall_s"] for r in runs),
     })
-    plot(runs, dense, os.path.join(common.RESULTS_DIR, "quality.png"))
+    plot(runs, dense, args.out.rstrip("/") + ".png")
 
 
 def beats_baselines(runs) -> dict:

@@ -162,3 +162,15 @@ def test_lora_on_the_lm_head_is_refused():
     model = get_peft_model(tiny_model("llama-gqa"), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match="LM head"):
         head_weights(backbone_and_head(model)[1])
+
+
+def test_resume_with_distillation_matches_uninterrupted(tmp_path):
+    straight = make_trainer(str(tmp_path / "straight"), max_steps=8, distill_alpha=0.5)
+    straight.train()
+    saving = make_trainer(str(tmp_path / "saving"), max_steps=8, save_steps=4, distill_alpha=0.5)
+    saving.train()
+    resumed = make_trainer(str(tmp_path / "saving"), max_steps=8, save_steps=4, distill_alpha=0.5)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "saving" / "checkpoint-4"))
+    assert _losses(resumed)[4:] == pytest.approx(_losses(straight)[4:], rel=1e-5)
+    for name, keep in straight.pruning_state.keep.items():
+        assert torch.equal(resumed.pruning_state.keep[name], keep)

@@ -31,13 +31,15 @@ def _env():
             "PYTHONPATH": ROOT}
 
 
-@pytest.mark.parametrize("criterion", ["lora", "taylor_gate"])
-def test_two_process_ddp_masks_identical_and_equal_to_single_process(tmp_path, criterion):
+@pytest.mark.parametrize("criterion,distill", [("lora", 0.0), ("taylor_gate", 0.0), ("lora", 0.5)])
+def test_two_process_ddp_masks_identical_and_equal_to_single_process(tmp_path, criterion, distill):
     """2 gloo processes x batch 4 x accumulation 2 == 1 process x batch 8 x accumulation 2
-    (``taylor_gate``: its gate gradients are all-reduced by the criterion, not by DDP)."""
+    (``taylor_gate``: its gate gradients are all-reduced by the criterion, not by DDP; distillation:
+    the teacher runs on the unwrapped model, the student through DDP)."""
     from scripts.tiny_train import dump, make_trainer
 
-    single = make_trainer(str(tmp_path / "single-out"), per_device_batch=8, grad_accum=2, pruning_criterion=criterion)
+    single = make_trainer(str(tmp_path / "single-out"), per_device_batch=8, grad_accum=2, pruning_criterion=criterion,
+                          distill_alpha=distill)
     single.train()
     dump(single, str(tmp_path / "single"))
 
@@ -47,7 +49,7 @@ def test_two_process_ddp_masks_identical_and_equal_to_single_process(tmp_path, c
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), SCRIPT, "--dump", str(tmp_path / "ddp"),
            "--output_dir", str(tmp_path / "ddp-out"), "--per_device_batch", "4", "--grad_accum", "2",
-           "--criterion", criterion]
+           "--criterion", criterion, "--distill_alpha", str(distill)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -182,3 +182,17 @@ def test_taylor_gate_trains_on_int8_base(base_dir, tmp_path):
         trainer.train()
     assert trainer.pruning_state.pruned_channels() > 0 and trainer.pruning_state.num_score_updates > 0
     assert all(s.std() > 0 for s in trainer.pruning_state.scores.values())
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_distillation_on_quantized_base(base_dir, tmp_path, quant):
+    """The teacher is the same quantized weights with the adapters disabled: no second copy."""
+    from scripts.tiny_train import make_trainer
+
+    trainer = make_trainer(str(tmp_path / "out"), max_steps=4, model=_load(base_dir, quant), distill_alpha=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all(h["distill/kl"] >= 0 and h["grad_norm"] > 0 for h in logs)
+    assert trainer.pruning_state.pruned_channels() > 0

