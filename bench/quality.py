@@ -14,6 +14,19 @@ training tokens (recorded). Perplexity on WikiText-2 (test) and PTB (validation)
 paired). Every finished run writes ``bench/results/quality/<run>.json``; a rerun skips those (resume),
 and the table, ``quality.json`` and ``quality.png`` are rebuilt from them.
 
+Optional measurements (all off by default, so the default run records what it always did):
+
+* ``--eval-sets ... c4``: C4 validation perplexity: the first ``--c4-docs`` documents of
+  ``c4/c4_validation_sample.jsonl`` joined with ``"\n\n"``, tokenized once and cut into the same
+  windows as the other sets (``llm-pruner`` / ``full-context``). This is *not* the SparseGPT/Wanda
+  C4 protocol (256 random 2048-token segments of separate documents); the record says so.
+* ``--zeroshot-tasks``: zero-shot accuracy of the final model (lm-eval through
+  ``loraprune_trainer.evaluation.zero_shot``), read offline from ``$LORAPRUNE_ZEROSHOT_DIR`` or
+  ``<data dir>/zeroshot``, the first ``--zeroshot-limit`` items per task; stored under ``"zeroshot"``.
+* ``--curve-every K``: a recovery curve for iterative runs: the masked model's perplexity on the first
+  ``--curve-windows`` ``llm-pruner`` windows of WikiText-2 at step 0, every K optimizer steps and at the
+  end, stored under ``"curve"`` and drawn by ``report()`` into ``<out>.curve.png``.
+
 CPU default (2 shared cores): a few minutes per run, 4 steps only (the cores were shared with
 other jobs; see docs/results.md for the wall time). GPU: e.g. ``--steps 200 --batch 8 --max-length 256
 --windows 0 --full-windows 0 --calib-samples 128 --full-context-on wikitext2 ptb`` (0 = all windows).
@@ -47,8 +60,18 @@ VARIANTS = {
     "random": dict(pruning_criterion="random"),
 }
 CRITERIA = list(VARIANTS)
-EVALS = [("wikitext2", "wikitext-2-raw/wiki.test.raw"), ("ptb", "ptb/ptb.valid.txt")]
+EVALS = [("wikitext2", "wikitext-2-raw/wiki.test.raw"), ("ptb", "ptb/ptb.valid.txt"),
+         ("c4", "c4/c4_validation_sample.jsonl")]
+DEFAULT_EVAL_SETS = ["wikitext2", "ptb"]  # c4 is opt-in: the series started before it existed stay comparable
 PROTOCOLS = ["llm-pruner", "full-context"]
+# The offline commonsense suite (loraprune_trainer.evaluation.ZEROSHOT_TASKS), spelled out so that --help
+# does not import torch; test_bench_quality checks that the two lists agree.
+ZEROSHOT_TASKS = ("boolq", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+ZEROSHOT_DIR_ENV = "LORAPRUNE_ZEROSHOT_DIR"
+C4_PROTOCOL_NOTE = ("C4 validation perplexity over the first `num_docs` documents of the file, their \"text\" "
+                    "joined with \\n\\n and tokenized once, then cut into the protocol's non-overlapping "
+                    "windows across document boundaries (the llm-pruner windows, as for WikiText-2/PTB). Not the "
+                    "SparseGPT/Wanda C4 protocol (256 random 2048-token segments, one per document).")
 
 logger = logging.getLogger("bench.quality")
 
@@ -86,11 +109,30 @@ def parse_args(argv=None):
     p.add_argument("--full-windows", type=int, default=1, help="full-context windows per dataset (0 = all).")
     p.add_argument("--full-context-on", nargs="+", default=["wikitext2"], choices=[n for n, _ in EVALS],
                    help="Datasets evaluated under full-context (2048-token windows cost the most on a CPU).")
+    p.add_argument("--eval-sets", nargs="+", default=DEFAULT_EVAL_SETS, choices=[n for n, _ in EVALS],
+                   help="Perplexity datasets: wikitext2 (test), ptb (validation), c4 (validation sample).")
+    p.add_argument("--c4-docs", type=int, default=256,
+                   help="First N documents of c4/c4_validation_sample.jsonl for C4 perplexity (0 = all 2,000).")
+    p.add_argument("--zeroshot-tasks", nargs="+", default=[], choices=ZEROSHOT_TASKS, metavar="TASK",
+                   help=f"Zero-shot accuracy of every run's final model on these tasks ({', '.join(ZEROSHOT_TASKS)}), "
+                        f"read offline from ${ZEROSHOT_DIR_ENV} or <data dir>/zeroshot. Default: none.")
+    p.add_argument("--zeroshot-limit", type=int, default=100,
+                   help="First N items of each zero-shot task (0 = the full sets; recorded with the result).")
+    p.add_argument("--curve-every", type=int, default=0,
+                   help="Iterative runs: perplexity of the masked model every K optimizer steps (and at step 0 and "
+                        "the end) on --curve-windows WikiText-2 windows (0 = no curve).")
+    p.add_argument("--curve-windows", type=int, default=16, help="llm-pruner windows of WikiText-2 for the curve.")
     p.add_argument("--eval-batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "quality"))
     p.add_argument("--report-only", action="store_true", help="Only rebuild table/JSON/PNG from finished runs.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("c4_docs", "zeroshot_limit", "curve_every"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}.")
+    if args.curve_windows < 1:
+        p.error(f"--curve-windows must be >= 1, got {args.curve_windows}.")
+    return args
 
 
 def lora_config():
@@ -132,6 +174,188 @@ def evaluate(model, tok, texts, args) -> dict:
     return out
 
 
+def load_eval_texts(args) -> dict:
+    """``{name: (text, metadata)}`` of every ``--eval-sets`` dataset, read before any model is loaded so a
+    missing file fails in a second."""
+    from loraprune_trainer.evaluation import load_text
+
+    texts = {}
+    for name, rel in EVALS:
+        if name not in args.eval_sets:
+            continue
+        texts[name] = load_c4_validation(args.c4_docs) if name == "c4" else load_text(common.data_file(rel))
+    return texts
+
+
+def load_c4_validation(num_docs: int) -> tuple[str, dict]:
+    """The first ``num_docs`` (0 = all) documents of ``c4/c4_validation_sample.jsonl`` joined with ``"\\n\\n"``,
+    and their metadata in the form :func:`loraprune_trainer.evaluation.load_text` gives (``load_text`` would read
+    and join the whole file; the limit keeps a CPU run's tokenization short)."""
+    import hashlib
+    import json
+
+    rel = dict(EVALS)["c4"]
+    path = common.data_file(rel)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"C4 validation file {path} not found (--eval-sets c4): it should be {rel} under the "
+                                "data folder ($LORAPRUNE_DATA_DIR).")
+    with open(path, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f if line.strip()]
+    used = docs if num_docs == 0 else docs[:num_docs]
+    text = "\n\n".join(used)
+    newlines = "as stored"
+    if "\r" in text:  # as load_text does: CRLF would add tokens the other copies do not have
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        newlines = "CRLF/CR normalised to LF"
+    with open(path, "rb") as f:
+        file_sha = hashlib.sha256(f.read()).hexdigest()
+    meta = {"source": "c4", "path": os.path.abspath(path), "split": "validation",
+            "join": f"first {len(used)} records' \"text\" joined with \\n\\n", "newlines": newlines,
+            "sha256": file_sha, "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "num_chars": len(text), "num_docs": len(used), "num_docs_in_file": len(docs), "c4_docs": num_docs,
+            "note": C4_PROTOCOL_NOTE}
+    return text, meta
+
+
+# -- zero-shot ----------------------------------------------------------------------------------------------
+def zeroshot_folder(args) -> str | None:
+    """The zero-shot folder (``$LORAPRUNE_ZEROSHOT_DIR``, else ``<data dir>/zeroshot``) with every requested task's
+    files checked, or None when no task is requested. Called before the model is loaded."""
+    if not args.zeroshot_tasks:
+        return None
+    from loraprune_trainer.evaluation import local_task_configs, resolve_zeroshot_dir
+
+    folder, source = resolve_zeroshot_dir(None)
+    if folder is None:
+        folder, source = os.path.join(common.data_dir(), "zeroshot"), "data folder"
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"Zero-shot folder {folder!r} (from the {source}) does not exist: --zeroshot-tasks reads the tasks' "
+            f"upstream files from ${ZEROSHOT_DIR_ENV}, or else from <data dir>/zeroshot ($LORAPRUNE_DATA_DIR). "
+            "Set one of them, or drop --zeroshot-tasks.")
+    local_task_configs(args.zeroshot_tasks, folder)  # every file present and parseable, or a clear error now
+    return folder
+
+
+def evaluate_zeroshot(model, tok, args, folder) -> dict:
+    """Zero-shot accuracy of ``model`` on ``--zeroshot-tasks`` with the suite's mean accuracies.
+
+    Per task the lm-eval numbers as :func:`loraprune_trainer.evaluation.zero_shot` returns them (``acc``,
+    ``acc_stderr`` and, where the task defines it, ``acc_norm``, ``acc_norm_stderr``; sample stderr of the mean
+    as lm-eval reports it) with their protocol. ``mean_acc``: mean ``acc`` over all tasks; ``mean_acc_norm``:
+    mean ``acc_norm`` over the tasks that report it (``mean_acc_norm_tasks``); ``mean_acc_norm_or_acc``: per
+    task ``acc_norm`` where reported, else ``acc`` (the mix LLM-Pruner-style tables average).
+    """
+    from loraprune_trainer.evaluation import zero_shot
+
+    limit = args.zeroshot_limit or None
+    t0 = time.perf_counter()
+    # A copy of the tokenizer: lm-eval may set attributes on it (pad token, padding side), and the same
+    # tokenizer trains the later runs of the grid.
+    result = zero_shot(model, copy.deepcopy(tok), list(args.zeroshot_tasks), batch_size=args.eval_batch, limit=limit,
+                       seed=args.seed, zeroshot_dir=folder)
+    tasks = result["tasks"]
+    accs = [t["acc"] for t in tasks.values() if t.get("acc") is not None]
+    norm_tasks = [n for n, t in tasks.items() if t.get("acc_norm") is not None]
+    mixed = [t["acc_norm"] if t.get("acc_norm") is not None else t.get("acc") for t in tasks.values()]
+    mixed = [v for v in mixed if v is not None]
+
+    def mean(values):
+        return sum(values) / len(values) if values else None
+
+    record = {"tasks": tasks, "mean_acc": mean(accs), "mean_acc_norm": mean([tasks[n]["acc_norm"] for n in norm_tasks]),
+              "mean_acc_norm_tasks": norm_tasks, "mean_acc_norm_or_acc": mean(mixed), "limit": limit,
+              "num_tasks": len(tasks), "protocol": result["protocol"], "eval_s": time.perf_counter() - t0}
+    logger.info("  zero-shot (limit %s): mean acc %.4f over %s", limit, record["mean_acc"] or float("nan"),
+                ", ".join(f"{n}={t.get('acc', float('nan')):.3f}" for n, t in tasks.items()))
+    return record
+
+
+# -- recovery curve -----------------------------------------------------------------------------------------
+def curve_text(text: str, meta: dict, tok, windows: int, window: int = 128) -> tuple[str, dict]:
+    """A prefix of ``text`` (cut at a line end) whose first ``windows`` ``llm-pruner`` windows are, token for
+    token, the first windows of the whole text: ``perplexity()`` tokenizes the text it gets on every call, and
+    the whole of WikiText-2 costs about a second per curve point on a CPU, the prefix almost nothing.
+    Falls back to the whole text when no prefix matches (e.g. a tokenizer that merges across lines)."""
+    need = windows * window
+    full = tok(text, verbose=False)["input_ids"]
+    if len(full) < need:
+        raise ValueError(f"--curve-windows {windows}: WikiText-2 has {len(full)} tokens, fewer than {windows} windows "
+                         f"of {window}.")
+    cut = min(len(text), max(4096, 8 * need))  # characters; a token is rarely longer than 8
+    while True:
+        end = text.find("\n", cut)
+        prefix = text if end < 0 else text[:end + 1]
+        ids = tok(prefix, verbose=False)["input_ids"]
+        # One spare window, so the special tokens or merges at the cut cannot reach the scored windows.
+        if len(ids) >= need + window and ids[:need] == full[:need]:
+            break
+        if len(prefix) == len(text):
+            prefix = text
+            break
+        cut = min(len(text), 2 * len(prefix))
+    meta = {**meta, "curve_prefix_chars": len(prefix), "curve_prefix_note":
+            "the text is a line-boundary prefix of the split whose first windows equal the whole split's first "
+            "windows token for token (num_tokens_total / num_windows_available refer to the prefix)"}
+    return prefix, meta
+
+
+def curve_point(model, tok, text, meta, args) -> tuple[float, dict]:
+    """Perplexity of ``model`` (masked or plain) on the curve windows, and the protocol record.
+
+    ``perplexity()`` puts every module in eval mode (dropout off: the masked model then computes exactly what
+    the cut model computes) under ``torch.no_grad`` and restores each module's train flag afterwards; it draws
+    no random numbers, so a run with a curve trains exactly as one without."""
+    import torch
+
+    from loraprune_trainer.evaluation import perplexity
+
+    with torch.no_grad():
+        r = perplexity(model, tok, text, protocol="llm-pruner", batch_size=args.eval_batch,
+                       max_windows=args.curve_windows, show_progress=False, metadata=meta)
+    return r["perplexity"], r["protocol"]
+
+
+def make_curve_callback(trainer, tok, text, meta, args):
+    """A ``TrainerCallback`` that records the masked model's curve perplexity at step 0, every ``--curve-every``
+    optimizer steps and at the end (``.points``: ``{"step", "tokens_seen", "perplexity", sparsities...}``).
+
+    Added after the trainer's own pruning callback, so at a step's end it sees the masks of that step."""
+    from transformers import TrainerCallback
+
+    class PerplexityCurve(TrainerCallback):
+        def __init__(self):
+            self.points, self.protocol, self.eval_s = [], None, 0.0
+
+        def _record(self, state):
+            if self.points and self.points[-1]["step"] == state.global_step:
+                return
+            t0 = time.perf_counter()
+            ppl, self.protocol = curve_point(trainer.model, tok, text, meta, args)
+            point = {"step": int(state.global_step), "tokens_seen": int(state.num_input_tokens_seen),
+                     "perplexity": ppl}
+            metrics = getattr(trainer, "pruning_metrics", None)
+            if metrics is not None:  # how much is pruned at this point: the curve's jumps line up with these
+                m = metrics()
+                point.update(attention_sparsity=m["prune/attention_sparsity"], mlp_sparsity=m["prune/mlp_sparsity"],
+                             params_ratio=m["prune/params_ratio"])
+            self.points.append(point)
+            self.eval_s += time.perf_counter() - t0
+            logger.info("  curve: step %d, %d tokens, perplexity %.3f", point["step"], point["tokens_seen"], ppl)
+
+        def on_train_begin(self, args_, state, control, **kwargs):
+            self._record(state)
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            if state.global_step % args.curve_every == 0:
+                self._record(state)
+
+        def on_train_end(self, args_, state, control, **kwargs):
+            self._record(state)
+
+    return PerplexityCurve()
+
+
 def n_params(model) -> int:
     seen, total = set(), 0
     for p in model.parameters():
@@ -141,7 +365,9 @@ def n_params(model) -> int:
     return total
 
 
-def run_iterative(base, tok, train_ds, criterion, ratio, args, tmp):
+def run_iterative(base, tok, train_ds, criterion, ratio, args, tmp, curve=None):
+    """Prune while LoRA fine-tunes, then cut and merge. ``curve``: ``(text, metadata)`` of the recovery-curve
+    windows (``--curve-every``), or None."""
     from loraprune_trainer import LoRAPruneConfig, LoRAPruneTrainer
     from loraprune_trainer.oneshot import compact_model
 
@@ -152,13 +378,22 @@ def run_iterative(base, tok, train_ds, criterion, ratio, args, tmp):
                           distill_teacher=args.distill_teacher, **VARIANTS[criterion])
     trainer = LoRAPruneTrainer(copy.deepcopy(base), cfg, train_dataset=train_ds, processing_class=tok,
                                peft_config=lora_config())
+    recorder = None
+    if curve is not None:
+        recorder = make_curve_callback(trainer, tok, curve[0], curve[1], args)
+        trainer.add_callback(recorder)  # after the pruning callback: sees each step's updated masks
     t0 = time.perf_counter()
     trainer.train()
-    train_s = time.perf_counter() - t0
+    # train_s leaves out the curve's evaluations, so it stays comparable with runs without a curve.
+    curve_s = recorder.eval_s if recorder is not None else 0.0
+    train_s = time.perf_counter() - t0 - curve_s
     model, _ = compact_model(trainer.model, trainer.pruning_state)
     info = {"train_s": train_s, "tokens_trained": int(trainer.state.num_input_tokens_seen),
             "steps": trainer.state.global_step, "target": trainer.target_summary(),
             "final_loss": _last_loss(trainer), "log_history": trainer.state.log_history}
+    if recorder is not None:
+        info.update(curve=recorder.points, curve_protocol=_curve_protocol(recorder.protocol, args),
+                    curve_eval_s=curve_s)
     del trainer
     return model, info
 
@@ -184,6 +419,15 @@ def run_oneshot(base, tok, train_ds, calib, criterion, ratio, args, tmp):
             "oneshot": result.report, "final_loss": _last_loss(trainer)}
     del trainer
     return model.eval(), info
+
+
+def _curve_protocol(protocol, args) -> dict:
+    """The curve's perplexity protocol plus how its points were taken."""
+    return {"every": args.curve_every, "windows": args.curve_windows, "dataset": "wikitext2",
+            "model": "the masked model in training (PEFT + mask hooks, eval mode, no_grad), before cut and merge",
+            "points": "step 0 (before any update), every `every` optimizer steps, and the last step",
+            "tokens_seen": "trainer.state.num_input_tokens_seen (all input tokens, padding included)",
+            "perplexity": protocol}
 
 
 def _last_loss(trainer):
@@ -212,10 +456,16 @@ def run_grid(args):
     from loraprune_trainer.loading import load_model_and_tokenizer
 
     torch.manual_seed(args.seed)
+    # Data first: a missing evaluation file or zero-shot folder fails before the model load.
+    texts = load_eval_texts(args)
+    zs_folder = zeroshot_folder(args)
     base, tok = load_model_and_tokenizer(args.model)
     if _cuda():
         base = base.cuda()
-    texts = {name: load_text(common.data_file(rel)) for name, rel in EVALS}
+    curve = None
+    if args.curve_every:
+        wiki = texts.get("wikitext2") or load_text(common.data_file(dict(EVALS)["wikitext2"]))
+        curve = curve_text(wiki[0], wiki[1], tok, args.curve_windows)
     # Training text: C4 documents 0..199 of the demo file, or a whole other file; calibration: documents
     # 200.. of the demo file (disjoint from both).
     if args.train_file == "c4/c4_demo.jsonl":
@@ -244,12 +494,20 @@ def run_grid(args):
         with tempfile.TemporaryDirectory() as tmp:
             if mode == "dense":
                 model, info = base, {}
+                if curve is not None:  # the dense model's perplexity on the curve windows: the curves' reference
+                    t = time.perf_counter()
+                    ppl, protocol = curve_point(base, tok, curve[0], curve[1], args)
+                    info = {"curve": [{"step": 0, "tokens_seen": 0, "perplexity": ppl}],
+                            "curve_protocol": _curve_protocol(protocol, args), "curve_eval_s": time.perf_counter() - t}
             elif mode == "iterative":
-                model, info = run_iterative(base, tok, train_ds, criterion, ratio, args, tmp)
+                model, info = run_iterative(base, tok, train_ds, criterion, ratio, args, tmp, curve)
             else:
                 model, info = run_oneshot(base, tok, train_ds, calib, criterion, ratio, args, tmp)
         t1 = time.perf_counter()
         metrics = evaluate(model, tok, texts, args)
+        if zs_folder is not None:
+            info["zeroshot"] = evaluate_zeroshot(model, tok, args, zs_folder)
+        # eval_s: every evaluation of the final model (perplexity and, if asked, zero-shot: zeroshot.eval_s).
         record = {"run": rid, "mode": mode, "criterion": criterion, "ratio": ratio, "parameters": n_params(model),
                   "base_decoder_parameters": base_decoder,
                   "metrics": metrics, **info, "eval_s": time.perf_counter() - t1,
@@ -280,10 +538,17 @@ def report(args):
                "tokens": r.get("tokens_trained"), "wall_s": r["wall_s"]}
         for key, v in r["metrics"].items():
             row[key] = v["perplexity"]
+        zs = r.get("zeroshot")  # absent in runs made without --zeroshot-tasks (and in every older run)
+        if zs:
+            row["zs_acc"] = zs.get("mean_acc")
+            row["zs_acc_norm"] = zs.get("mean_acc_norm")
         rows.append(row)
-    metric_cols = [f"{d}/{p}" for d, _ in EVALS for p in PROTOCOLS]
+    # WikiText-2 and PTB columns always (as before); C4 and zero-shot columns only when some run has them.
+    metric_cols = [f"{d}/{p}" for d, _ in EVALS for p in PROTOCOLS
+                   if d in DEFAULT_EVAL_SETS or any(f"{d}/{p}" in row for row in rows)]
+    zs_cols = [c for c in ("zs_acc", "zs_acc_norm") if any(c in row for row in rows)]
     table = common.print_table(rows, ["ratio", "criterion", "mode", "params_M", "params_%", "tokens", *metric_cols,
-                                      "wall_s"], floatfmt="{:.2f}")
+                                      *zs_cols, "wall_s"], floatfmt="{:.2f}")
     verdict = beats_baselines(runs)
     for line in verdict["lines"]:
         print(line)
@@ -294,6 +559,7 @@ def report(args):
         "machine": latest.get("machine"), "total_wall_s": sum(r["wall_s"] for r in runs),
     })
     plot(runs, dense, args.out.rstrip("/") + ".png")
+    plot_curves(runs, args.out.rstrip("/") + ".curve.png")
 
 
 def beats_baselines(runs) -> dict:
@@ -337,7 +603,7 @@ def plot(runs, dense, path):
                     ys.append(r["metrics"][metric]["perplexity"])
             ax.bar(xs, ys, width=0.38, label="prune while fine-tuning" if mode == "iterative" else
                    "one-shot, then fine-tune")
-        if dense:
+        if dense and metric in dense["metrics"]:  # absent when --eval-sets leaves out wikitext2
             ax.axhline(dense["metrics"][metric]["perplexity"], color="k", ls="--", lw=1, label="dense")
         ax.set_xticks(range(len(CRITERIA)), CRITERIA)
         ax.set_yscale("log")
@@ -348,6 +614,38 @@ def plot(runs, dense, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_curves(runs, path) -> str | None:
+    """Recovery curves: perplexity on the curve windows vs training tokens, one line per run of the folder
+    that has a ``"curve"`` (the dense model's point, if recorded, as a dashed line). Returns ``path``, or
+    None (nothing drawn) when no run has a curve."""
+    curves = [r for r in runs if r.get("curve") and r["mode"] != "dense"]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in curves:
+        points = r["curve"]
+        ax.plot([p["tokens_seen"] for p in points], [p["perplexity"] for p in points], marker="o", ms=2.5, lw=1.2,
+                label=r["run"])
+    dense = next((r for r in runs if r["mode"] == "dense" and r.get("curve")), None)
+    if dense:
+        ax.axhline(dense["curve"][0]["perplexity"], color="k", ls="--", lw=1, label="dense")
+    windows = (curves[0].get("curve_protocol") or {}).get("windows")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel(f"perplexity (WikiText-2, {windows} llm-pruner windows)" if windows else "perplexity")
+    ax.set_title("Recovery while pruning: masked model during LoRA fine-tuning")
+    ax.legend(fontsize=7, ncol=2 if len(curves) > 8 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

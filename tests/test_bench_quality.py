@@ -1,0 +1,173 @@
+"""bench/quality.py end to end on a tiny random model and a fake data folder (offline, a few seconds).
+
+Covers the optional measurements: C4 validation perplexity (``--eval-sets c4``, ``--c4-docs``), zero-shot
+accuracy from the local suite (``--zeroshot-tasks``, ``--zeroshot-limit``), the recovery curve of iterative
+runs (``--curve-every``), resume, the clear error for a missing zero-shot folder, and that report() still
+reads run JSONs written before these fields existed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "bench"))
+
+import quality  # noqa: E402
+from tiny import VOCAB, tiny_model, tiny_tokenizer  # noqa: E402
+
+ZEROSHOT_FIXTURE = os.path.join(HERE, "data", "zeroshot")
+
+
+def _words(rng: random.Random, n: int) -> str:
+    """``n`` words of the tiny tokenizer's vocabulary (w0 .. w91), so nothing maps to <unk>."""
+    return " ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(n))
+
+
+def _write_jsonl(path, docs):
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    """A data folder laid out like /work/shared/data, with tiny-vocabulary text and the zero-shot fixture."""
+    rng = random.Random(0)
+    root = tmp_path / "data"
+    for sub in ("wikitext-2-raw", "ptb", "c4"):
+        (root / sub).mkdir(parents=True)
+    # ~2,400 tokens in lines: longer than the curve's first prefix guess, so curve_text's prefix is exercised.
+    (root / "wikitext-2-raw" / "wiki.test.raw").write_text("\n".join(_words(rng, 40) for _ in range(60)) + "\n")
+    (root / "ptb" / "ptb.valid.txt").write_text("\n".join(_words(rng, 20) for _ in range(30)) + "\n")
+    _write_jsonl(root / "c4" / "c4_demo.jsonl", [_words(rng, 24) for _ in range(210)])  # 0..199 train, 200.. calib
+    _write_jsonl(root / "c4" / "c4_validation_sample.jsonl", [_words(rng, 40) for _ in range(30)])
+    os.symlink(ZEROSHOT_FIXTURE, root / "zeroshot")  # <data dir>/zeroshot: the default zero-shot folder
+    monkeypatch.setenv("LORAPRUNE_DATA_DIR", str(root))
+    monkeypatch.delenv("LORAPRUNE_ZEROSHOT_DIR", raising=False)
+    return root
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny random Llama (GQA) and word-level tokenizer saved as a folder, for ``--model``."""
+    folder = tmp_path / "model"
+    tiny_model("llama-gqa", num_layers=2, seed=0).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_zeroshot_task_list_matches_the_library():
+    from loraprune_trainer.evaluation import ZEROSHOT_DIR_ENV, ZEROSHOT_TASKS
+
+    assert tuple(quality.ZEROSHOT_TASKS) == tuple(ZEROSHOT_TASKS)
+    assert quality.ZEROSHOT_DIR_ENV == ZEROSHOT_DIR_ENV
+
+
+def test_defaults_are_unchanged():
+    args = quality.parse_args([])
+    assert args.eval_sets == ["wikitext2", "ptb"]
+    assert args.zeroshot_tasks == [] and args.curve_every == 0
+    assert args.steps == 4 and args.windows == 4 and args.protocols == ["llm-pruner", "full-context"]
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--curve-every", "-1"])
+
+
+def test_grid_with_c4_zeroshot_and_curve_then_resume(tmp_path, data_dir, model_dir):
+    out = tmp_path / "quality"
+    argv = ["--model", model_dir, "--out", str(out), "--ratios", "0.5", "--criteria", "lora", "--modes", "iterative",
+            "--steps", "3", "--batch", "2", "--max-length", "32", "--windows", "2", "--protocols", "llm-pruner",
+            "--eval-sets", "wikitext2", "c4", "--c4-docs", "10",
+            "--zeroshot-tasks", "piqa", "arc_easy", "--zeroshot-limit", "2",
+            "--curve-every", "1", "--curve-windows", "2"]
+    quality.main(argv)
+
+    run = json.loads((out / "iterative-lora-r0.5.json").read_text())
+    # C4 perplexity with its protocol and the number of documents read.
+    c4 = run["metrics"]["c4/llm-pruner"]
+    assert c4["perplexity"] > 1 and c4["num_windows"] == 2
+    dataset = c4["protocol"]["dataset"]
+    assert dataset["num_docs"] == 10 and dataset["c4_docs"] == 10 and dataset["num_docs_in_file"] == 30
+    assert "joined with" in dataset["join"] and "SparseGPT" in dataset["note"]
+    assert c4["protocol"]["name"] == "llm-pruner" and c4["protocol"]["window"] == 128
+    assert "ptb/llm-pruner" not in run["metrics"] and "wikitext2/llm-pruner" in run["metrics"]
+
+    # Zero-shot: per-task acc (+ stderr) as lm-eval reports them, the suite means, the limit.
+    zs = run["zeroshot"]
+    assert set(zs["tasks"]) == {"piqa", "arc_easy"} and zs["limit"] == 2
+    for task in zs["tasks"].values():
+        assert 0.0 <= task["acc"] <= 1.0 and "acc_stderr" in task
+        assert 0.0 <= task["acc_norm"] <= 1.0 and "acc_norm_stderr" in task  # both tasks define acc_norm
+        assert task["num_samples"] == 2
+    assert zs["mean_acc"] == pytest.approx(sum(t["acc"] for t in zs["tasks"].values()) / 2)
+    assert zs["mean_acc_norm"] == pytest.approx(sum(t["acc_norm"] for t in zs["tasks"].values()) / 2)
+    assert zs["protocol"]["zeroshot_dir"] == os.path.abspath(data_dir / "zeroshot")
+
+    # Curve: step 0 plus one point per step, tokens growing, the masked model's perplexity.
+    curve = run["curve"]
+    assert [p["step"] for p in curve] == [0, 1, 2, 3]
+    assert curve[0]["tokens_seen"] == 0 and all(a["tokens_seen"] < b["tokens_seen"] for a, b in zip(curve, curve[1:]))
+    assert all(p["perplexity"] > 1 for p in curve)
+    assert curve[0]["attention_sparsity"] == 0 and curve[-1]["params_ratio"] < 1  # pruned by the end
+    assert run["curve_protocol"]["every"] == 1 and run["curve_protocol"]["perplexity"]["max_windows"] == 2
+    assert run["tokens_trained"] == curve[-1]["tokens_seen"]
+    # The masked model at the end computes what the cut, merged model computes: same windows (--windows 2 =
+    # --curve-windows 2; the curve's prefix text starts with the same tokens), same perplexity.
+    assert curve[-1]["perplexity"] == pytest.approx(run["metrics"]["wikitext2/llm-pruner"]["perplexity"], rel=1e-4)
+    # The step-0 point is the unpruned model (LoRA B = 0): the dense reference on the same windows.
+    dense = json.loads((out / "dense.json").read_text())
+    assert dense["curve"][0]["perplexity"] == pytest.approx(curve[0]["perplexity"], rel=1e-5)
+    assert "zeroshot" in dense and "c4/llm-pruner" in dense["metrics"]
+
+    # Load average at start and end stay recorded.
+    assert "load_average_at_start" in run["machine"] and "load_average_at_end" in run
+
+    # report(): summary with the new columns, the bar chart and the curve plot.
+    summary = json.loads((tmp_path / "quality.json").read_text())
+    assert "c4/llm-pruner" in summary["table"] and "zs_acc" in summary["table"]
+    assert (tmp_path / "quality.png").exists() and (tmp_path / "quality.curve.png").exists()
+
+    # Resume: a second invocation skips both finished runs.
+    stamps = {p: os.stat(out / p).st_mtime_ns for p in ("dense.json", "iterative-lora-r0.5.json")}
+    quality.main(argv)
+    assert {p: os.stat(out / p).st_mtime_ns for p in stamps} == stamps
+
+
+def test_missing_zeroshot_folder_names_path_and_env(tmp_path, data_dir, monkeypatch):
+    missing = tmp_path / "no-such-zeroshot"
+    monkeypatch.setenv("LORAPRUNE_ZEROSHOT_DIR", str(missing))
+    # --model does not exist either: the folder must be checked first, before any model load.
+    with pytest.raises(FileNotFoundError) as e:
+        quality.main(["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "q"),
+                      "--zeroshot-tasks", "piqa"])
+    assert str(missing) in str(e.value) and "LORAPRUNE_ZEROSHOT_DIR" in str(e.value)
+
+
+def test_report_reads_runs_written_before_the_new_fields(tmp_path):
+    """A folder of run JSONs in the older layout (no c4, zeroshot, curve): report() works, draws no curve plot."""
+    out = tmp_path / "old"
+    out.mkdir()
+    metrics = {"wikitext2/llm-pruner": {"perplexity": 30.0, "num_tokens_scored": 508, "num_windows": 4,
+                                        "protocol": {"name": "llm-pruner"}},
+               "ptb/llm-pruner": {"perplexity": 50.0, "num_tokens_scored": 508, "num_windows": 4,
+                                  "protocol": {"name": "llm-pruner"}}}
+    base = {"settings": {"steps": 4}, "machine": {}, "command": "python bench/quality.py"}
+    runs = [dict(run="dense", mode="dense", criterion=None, ratio=None, parameters=1000, metrics=metrics, eval_s=1.0,
+                 wall_s=2.0, **base)]
+    for crit, scale in (("lora", 1.5), ("random", 3.0)):
+        m = {k: {**v, "perplexity": v["perplexity"] * scale} for k, v in metrics.items()}
+        runs.append(dict(run=f"iterative-{crit}-r0.5", mode="iterative", criterion=crit, ratio=0.5, parameters=600,
+                         metrics=m, train_s=5.0, tokens_trained=512, steps=4, target={}, final_loss=3.0, eval_s=1.0,
+                         wall_s=7.0, **base))
+    for r in runs:
+        (out / f"{r['run']}.json").write_text(json.dumps(r))
+    quality.main(["--out", str(out), "--report-only"])
+    summary = json.loads((tmp_path / "old.json").read_text())
+    assert len(summary["runs"]) == 3 and summary["verdict"]["lora_best"] == 2
+    assert "c4/" not in summary["table"] and "zs_acc" not in summary["table"]
+    assert (tmp_path / "old.png").exists() and not (tmp_path / "old.curve.png").exists()
