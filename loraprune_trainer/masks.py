@@ -111,7 +111,8 @@ class PruningState:
 
     def removed_parameters(self) -> int:
         """Base-model parameters (weights and biases) that cutting the pruned units removes."""
-        return sum(self.num_pruned(name) * unit_parameters(self.structure, group) for name, group in self.groups.items())
+        return sum(self.num_pruned(name) * unit_parameters(self.structure, group)
+                   for name, group in self.groups.items())
 
 
 def _expanded_mask(group: UnitGroup, keep: torch.Tensor, member_unit_size: int) -> torch.Tensor:

@@ -14,10 +14,10 @@ from trl import SFTTrainer
 from .callback import LoRAPruneCallback, update_masks
 from .config import LoRAPruneConfig
 from .criteria import build_criterion
+from .distill import BackboneOutput, backbone_and_head, distill_sums, head_weights, teacher_mode
 from .distributed import check_distributed_backend
 from .masks import MaskHooks, PruningState
 from .resume import check_total_steps, load_pruning_checkpoint, resolve_checkpoint, save_pruning_checkpoint
-from .distill import BackboneOutput, backbone_and_head, distill_sums, head_weights, teacher_mode
 from .schedule import PruningSchedule, budget_prune_counts, final_prune_count
 from .structure import (check_supported_config, decoder_parameters, discover_structure, lora_coverage_problems,
                         unit_parameters)
@@ -202,6 +202,9 @@ class LoRAPruneTrainer(SFTTrainer):
         removed = sum(count * unit_parameters(self.structure, self.pruning_state.groups[name])
                       for name, count in self.final_prune_counts.items())
         budget = self.args.param_pruning_ratio
+        # With a budget, the per-kind ratios asked for are only those set explicitly (the rest is solved).
+        attention_asked = self.args.attention_ratio if budget is None else self.args.attention_pruning_ratio
+        mlp_asked = self.args.mlp_ratio if budget is None else self.args.mlp_pruning_ratio
         return {
             "decoder_parameters": decoder,
             "param_requested_ratio": budget,
@@ -209,12 +212,12 @@ class LoRAPruneTrainer(SFTTrainer):
             "attention_unit": self.structure.attention_unit,
             "attention_units_per_layer": attn.num_units,
             "attention_units_pruned_per_layer": self.final_prune_counts[attn.name],
-            "attention_requested_ratio": self.args.attention_ratio if budget is None else self.args.attention_pruning_ratio,
+            "attention_requested_ratio": attention_asked,
             "attention_achieved_ratio": self.final_prune_counts[attn.name] / attn.num_units,
             "heads_pruned_per_layer": self.final_prune_counts[attn.name] * attn.heads_per_unit,
             "mlp_channels_per_layer": mlp.num_units,
             "mlp_channels_pruned_per_layer": self.final_prune_counts[mlp.name],
-            "mlp_requested_ratio": self.args.mlp_ratio if budget is None else self.args.mlp_pruning_ratio,
+            "mlp_requested_ratio": mlp_asked,
             "mlp_achieved_ratio": self.final_prune_counts[mlp.name] / mlp.num_units,
         }
 

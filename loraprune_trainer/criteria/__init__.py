@@ -18,7 +18,8 @@ never import this package back.
 from __future__ import annotations
 
 from .activation import WandaCriterion
-from .common import SCORE_FORMS, Criterion, base_weight, combine_member_scores, dense_base_weight, lora_parts, merged_weight
+from .common import (SCORE_FORMS, Criterion, base_weight, combine_member_scores, dense_base_weight, lora_parts,
+                     merged_weight)
 from .lora import LoRACriterion, lora_importance, lora_member_scores
 from .taylor import TaylorGateCriterion, VanillaCriterion
 from .weight import MagnitudeCriterion, RandomCriterion
