@@ -286,6 +286,31 @@ def section_mask_agreement(parts):
     parts.append("![mask agreement](../bench/results/mask_agreement.png)\n")
 
 
+def section_zeroshot(parts):
+    """Dense SmolLM2 on the six local zero-shot tasks (``python -m loraprune_trainer.eval ... --out``)."""
+    parts.append("## Zero-shot accuracy of the dense model (six tasks, local files)\n")
+    found = [(name, load(name)) for name in ("zeroshot_dense_full.json", "zeroshot_dense_limit250.json")]
+    found = [(n, d) for n, d in found if d]
+    if not found:
+        parts.append("_Not run yet (`python -m loraprune_trainer.eval --model smollm2-gguf --tasks ... --out ...`)._\n")
+        return
+    parts.append(
+        "lm-eval 0.4.13 with the official task definitions, reading the upstream files of `zeroshot/` (0-shot; "
+        "`acc_norm` where the task defines it). SmolLM2-135M-Instruct here is the Q4_1 GGUF de-quantized to float32, "
+        "not the bf16 Hub weights. `limit` = first N items of each task (not a random sample).\n")
+    rows = []
+    for name, d in found:
+        for task, r in d["zero_shot"]["tasks"].items():
+            rows.append({"file": name, "task": task, "items": f"{r['num_samples']} / {r['num_samples_total']}",
+                         "acc": 100 * r["acc"], "acc_stderr": 100 * r["acc_stderr"],
+                         "acc_norm": 100 * r["acc_norm"] if r.get("acc_norm") is not None else None,
+                         "acc_norm_stderr": 100 * r["acc_norm_stderr"] if r.get("acc_norm_stderr") is not None else None})
+        accs = [100 * r["acc"] for r in d["zero_shot"]["tasks"].values()]
+        rows.append({"file": name, "task": "mean (acc)", "acc": sum(accs) / len(accs)})
+    parts.append(md_table(rows, ["file", "task", "items", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr"],
+                          fmt="{:.1f}") + "\n")
+
+
 def section_overhead(parts):
     o = load("overhead_cpu.json")
     parts.append("## Step cost: criteria and distillation against plain LoRA fine-tuning\n")
@@ -339,6 +364,7 @@ def main():
     section_recovery(parts)
     section_mask_agreement(parts)
     section_overhead(parts)
+    section_zeroshot(parts)
     section_quality(parts)
     section_cost(parts)
     section_speed(parts)
