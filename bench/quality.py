@@ -40,6 +40,7 @@ import gc
 import glob
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -85,8 +86,8 @@ def parse_args(argv=None):
                    help="attention_pruning_ratio for every run (e.g. 0: MLP channels only).")
     p.add_argument("--mlp-ratio", type=float, default=None, help="mlp_pruning_ratio for every run.")
     p.add_argument("--param-ratio", type=float, default=None,
-                   help="param_pruning_ratio (share of decoder parameters) for every iterative run; --ratios then "
-                        "only names the runs.")
+                   help="param_pruning_ratio (share of decoder parameters) for every run; --ratios then only names "
+                        "the runs. One-shot runs prune the same per-layer counts as the trainer would.")
     p.add_argument("--attention-unit", default="kv_group", choices=["kv_group", "query_head"])
     p.add_argument("--distill-alpha", type=float, default=0.0)
     p.add_argument("--distill-temperature", type=float, default=1.0)
@@ -125,6 +126,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "quality"))
+    p.add_argument("--save-models", default=None, metavar="DIR",
+                   help="Also save every final pruned model (merged, compact) to DIR/<run> with save_pretrained, "
+                        "e.g. for bench/quality_zeroshot.py to evaluate later. Default: not saved.")
     p.add_argument("--report-only", action="store_true", help="Only rebuild table/JSON/PNG from finished runs.")
     args = p.parse_args(argv)
     for flag in ("c4_docs", "zeroshot_limit", "curve_every"):
@@ -356,6 +360,19 @@ def make_curve_callback(trainer, tok, text, meta, args):
     return PerplexityCurve()
 
 
+def save_model(model, tok, path: str) -> None:
+    """``save_pretrained`` into a temporary sibling folder, renamed into place when complete, so ``path``
+    never holds half a model."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".partial-")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
 def n_params(model) -> int:
     seen, total = set(), 0
     for p in model.parameters():
@@ -405,12 +422,19 @@ def run_oneshot(base, tok, train_ds, calib, criterion, ratio, args, tmp):
 
     t0 = time.perf_counter()
     variant = VARIANTS[criterion]
+    attention_ratio, mlp_ratio, counts = args.attention_ratio, args.mlp_ratio, None
+    if args.param_ratio is not None:
+        attention_ratio, mlp_ratio, counts = oneshot_budget_ratios(base, args)
     result = oneshot_prune(copy.deepcopy(base), tok, calib, criterion=variant["pruning_criterion"],
-                           pruning_ratio=ratio, attention_ratio=args.attention_ratio, mlp_ratio=args.mlp_ratio,
+                           pruning_ratio=ratio, attention_ratio=attention_ratio, mlp_ratio=mlp_ratio,
+                           attention_unit=args.attention_unit,
                            score_form=variant.get("score_form", "square"),
                            normalize_scores=variant.get("normalize_scores", False),
                            max_length=args.max_length, batch_size=args.batch, seed=args.seed)
     score_s = time.perf_counter() - t0
+    if counts is not None and result.report["units_pruned_per_layer"] != counts:
+        raise RuntimeError(f"one-shot pruned {result.report['units_pruned_per_layer']} units per layer, the "
+                           f"--param-ratio budget asks for {counts}")
     t0 = time.perf_counter()
     model, trainer = finetune_compact(result.model, tok, train_ds, SFTConfig(**train_kwargs(args, tmp)),
                                       lora_config=lora_config())
@@ -419,6 +443,20 @@ def run_oneshot(base, tok, train_ds, calib, criterion, ratio, args, tmp):
             "oneshot": result.report, "final_loss": _last_loss(trainer)}
     del trainer
     return model.eval(), info
+
+
+def oneshot_budget_ratios(base, args) -> tuple[float, float, dict]:
+    """Per-kind ratios that make one-shot pruning cut exactly the per-layer counts the trainer's
+    ``param_pruning_ratio`` budget (``--param-ratio``) gives, so both modes end at the same size."""
+    from loraprune_trainer.schedule import budget_prune_counts
+    from loraprune_trainer.structure import decoder_parameters, discover_structure, unit_parameters
+
+    structure = discover_structure(base, args.attention_unit)
+    attn, mlp = structure.attention[0], structure.mlp[0]
+    a, m = budget_prune_counts(attn, mlp, unit_parameters(structure, attn), unit_parameters(structure, mlp),
+                               structure.num_layers, decoder_parameters(structure), args.param_ratio,
+                               args.attention_ratio, args.mlp_ratio)
+    return a / attn.num_units, m / mlp.num_units, {"attention": a, "mlp": m}
 
 
 def _curve_protocol(protocol, args) -> dict:
@@ -503,6 +541,8 @@ def run_grid(args):
                 model, info = run_iterative(base, tok, train_ds, criterion, ratio, args, tmp, curve)
             else:
                 model, info = run_oneshot(base, tok, train_ds, calib, criterion, ratio, args, tmp)
+        if args.save_models and mode != "dense":
+            save_model(model, tok, os.path.join(args.save_models, rid))
         t1 = time.perf_counter()
         metrics = evaluate(model, tok, texts, args)
         if zs_folder is not None:
@@ -592,17 +632,21 @@ def plot(runs, dense, path):
     if not ratios:
         return
     metric = "wikitext2/llm-pruner"
+    series = [("iterative", False, "prune while fine-tuning"), ("iterative", True, "prune while fine-tuning + distillation"),
+              ("oneshot", False, "one-shot, then fine-tune")]
+    series = [s for s in series if any(r["mode"] == s[0] and _distilled(r) == s[1] for r in runs)]
+    width = 0.8 / max(1, len(series))
     fig, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 4), squeeze=False)
     for ax, ratio in zip(axes[0], ratios):
-        for k, mode in enumerate(("iterative", "oneshot")):
+        for k, (mode, distilled, label) in enumerate(series):
             xs, ys = [], []
             for i, c in enumerate(CRITERIA):
-                r = next((r for r in runs if r["ratio"] == ratio and r["mode"] == mode and r["criterion"] == c), None)
+                r = next((r for r in runs if r["ratio"] == ratio and r["mode"] == mode and r["criterion"] == c
+                          and _distilled(r) == distilled), None)
                 if r and metric in r["metrics"]:
-                    xs.append(i + (k - 0.5) * 0.38)
+                    xs.append(i + (k - (len(series) - 1) / 2) * width)
                     ys.append(r["metrics"][metric]["perplexity"])
-            ax.bar(xs, ys, width=0.38, label="prune while fine-tuning" if mode == "iterative" else
-                   "one-shot, then fine-tune")
+            ax.bar(xs, ys, width=width, label=label)
         if dense and metric in dense["metrics"]:  # absent when --eval-sets leaves out wikitext2
             ax.axhline(dense["metrics"][metric]["perplexity"], color="k", ls="--", lw=1, label="dense")
         ax.set_xticks(range(len(CRITERIA)), CRITERIA)
@@ -616,10 +660,15 @@ def plot(runs, dense, path):
     plt.close(fig)
 
 
+def _distilled(run) -> bool:
+    return run["mode"] != "dense" and bool((run.get("settings") or {}).get("distill_alpha"))
+
+
 def plot_curves(runs, path) -> str | None:
     """Recovery curves: perplexity on the curve windows vs training tokens, one line per run of the folder
-    that has a ``"curve"`` (the dense model's point, if recorded, as a dashed line). Returns ``path``, or
-    None (nothing drawn) when no run has a curve."""
+    that has a ``"curve"``, one panel per budget, colour by criterion, dashed with distillation (the dense
+    model's point, if recorded, as a dotted line). Returns ``path``, or None (nothing drawn) when no run
+    has a curve."""
     curves = [r for r in runs if r.get("curve") and r["mode"] != "dense"]
     if not curves:
         return None
@@ -628,20 +677,26 @@ def plot_curves(runs, path) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for r in curves:
-        points = r["curve"]
-        ax.plot([p["tokens_seen"] for p in points], [p["perplexity"] for p in points], marker="o", ms=2.5, lw=1.2,
-                label=r["run"])
+    # One panel per budget; colour = criterion, dashed = with distillation.
+    ratios = sorted({r["ratio"] for r in curves})
+    colours = {c: plt.cm.tab10(i) for i, c in enumerate(CRITERIA)}
     dense = next((r for r in runs if r["mode"] == "dense" and r.get("curve")), None)
-    if dense:
-        ax.axhline(dense["curve"][0]["perplexity"], color="k", ls="--", lw=1, label="dense")
     windows = (curves[0].get("curve_protocol") or {}).get("windows")
-    ax.set_yscale("log")
-    ax.set_xlabel("training tokens seen")
-    ax.set_ylabel(f"perplexity (WikiText-2, {windows} llm-pruner windows)" if windows else "perplexity")
-    ax.set_title("Recovery while pruning: masked model during LoRA fine-tuning")
-    ax.legend(fontsize=7, ncol=2 if len(curves) > 8 else 1)
+    fig, axes = plt.subplots(1, len(ratios), figsize=(7.5 * len(ratios), 4.5), squeeze=False)
+    for ax, ratio in zip(axes[0], ratios):
+        group = [r for r in curves if r["ratio"] == ratio]
+        for r in group:
+            points = r["curve"]
+            ax.plot([p["tokens_seen"] for p in points], [p["perplexity"] for p in points], marker="o", ms=2.5, lw=1.2,
+                    ls="--" if _distilled(r) else "-", color=colours.get(r["criterion"]), label=r["run"])
+        if dense:
+            ax.axhline(dense["curve"][0]["perplexity"], color="k", ls=":", lw=1, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("training tokens seen")
+        ax.set_ylabel(f"perplexity (WikiText-2, {windows} llm-pruner windows)" if windows else "perplexity")
+        ax.set_title(f"budget {ratio:g}: masked model during LoRA fine-tuning", fontsize=10)
+        ax.legend(fontsize=7, ncol=2 if len(group) > 8 else 1)
+    fig.suptitle("Recovery while pruning")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

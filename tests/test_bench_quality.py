@@ -171,3 +171,47 @@ def test_report_reads_runs_written_before_the_new_fields(tmp_path):
     assert len(summary["runs"]) == 3 and summary["verdict"]["lora_best"] == 2
     assert "c4/" not in summary["table"] and "zs_acc" not in summary["table"]
     assert (tmp_path / "old.png").exists() and not (tmp_path / "old.curve.png").exists()
+
+
+def test_param_ratio_oneshot_saved_models_and_later_zeroshot(tmp_path, data_dir, model_dir):
+    """--param-ratio gives one-shot runs the trainer's per-layer counts; --save-models keeps every final model;
+    quality_zeroshot.py adds zero-shot to the finished runs from those models, resumes, and names what is missing."""
+    import quality_zeroshot
+
+    out, saved = tmp_path / "grid", tmp_path / "models"
+    quality.main(["--model", model_dir, "--out", str(out), "--ratios", "0.3", "--param-ratio", "0.3",
+                  "--attention-ratio", "0", "--criteria", "magnitude", "--modes", "iterative", "oneshot",
+                  "--steps", "2", "--batch", "2", "--max-length", "32", "--windows", "2", "--protocols", "llm-pruner",
+                  "--eval-sets", "wikitext2", "--save-models", str(saved)])
+    iterative = json.loads((out / "iterative-magnitude-r0.3.json").read_text())
+    oneshot = json.loads((out / "oneshot-magnitude-r0.3.json").read_text())
+    target = iterative["target"]
+    assert oneshot["oneshot"]["units_pruned_per_layer"] == {
+        "attention": target["attention_units_pruned_per_layer"], "mlp": target["mlp_channels_pruned_per_layer"]}
+    assert target["attention_units_pruned_per_layer"] == 0 and target["mlp_channels_pruned_per_layer"] > 0
+    assert oneshot["parameters"] == iterative["parameters"] < json.loads((out / "dense.json").read_text())["parameters"]
+    # Saved: a complete folder per pruned run (none for dense), no partial folder left behind.
+    assert sorted(os.listdir(saved)) == ["iterative-magnitude-r0.3", "oneshot-magnitude-r0.3"]
+
+    argv = ["--out", str(out), "--models", str(saved), "--model", model_dir, "--tasks", "piqa", "--limit", "2"]
+    quality_zeroshot.main(argv)
+    for rid in ("dense", "iterative-magnitude-r0.3", "oneshot-magnitude-r0.3"):
+        zs = json.loads((out / f"{rid}.json").read_text())["zeroshot"]
+        assert zs["limit"] == 2 and set(zs["tasks"]) == {"piqa"} and zs["tasks"]["piqa"]["num_samples"] == 2
+        assert 0.0 <= zs["mean_acc"] <= 1.0 and len(zs["load_average_at_start"]) == 3
+    summary = json.loads((tmp_path / "grid.json").read_text())
+    assert "zs_acc" in summary["table"]
+
+    # Resume: nothing is re-evaluated; a different limit goes under its own key.
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    quality_zeroshot.main(argv)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == stamps
+    quality_zeroshot.main(argv[:-1] + ["0"] + ["--runs", "oneshot-magnitude-r0.3"])
+    record = json.loads((out / "oneshot-magnitude-r0.3.json").read_text())
+    assert record["zeroshot_full"]["limit"] is None and record["zeroshot"]["limit"] == 2
+
+    # A run without a saved model is named before anything is loaded.
+    with pytest.raises(SystemExit) as e:
+        quality_zeroshot.main(["--out", str(out), "--models", str(tmp_path / "nowhere"), "--model", model_dir,
+                               "--runs", "dense", "oneshot-magnitude-r0.3"])
+    assert "oneshot-magnitude-r0.3" in str(e.value) and "--save-models" in str(e.value)
