@@ -407,9 +407,14 @@ def section_grid(parts):
         "task definitions on the local files, 0-shot `acc` (not `acc_norm`), first N items of each task as the "
         "`items/task` column says (a 500-item accuracy has a standard error of about 2.2 points).\n")
     commands = sorted({r["command"] for r in runs})
+    common_part = os.path.commonprefix(commands).rsplit(" --", 1)[0] if len(commands) > 1 else ""
     parts.append("Commands (one JSON per run in `bench/results/grid/`; zero-shot added by "
                  "`bench/quality_zeroshot.py` from the saved models):\n")
-    parts.extend(f"- `{c}`" for c in commands)
+    if common_part:
+        parts.append(f"`{common_part}` followed by, one invocation each:\n")
+        parts.extend(f"- `{c[len(common_part):].strip()}`" for c in commands)
+    else:
+        parts.extend(f"- `{c}`" for c in commands)
     zs_commands = sorted({(r.get(k) or {}).get("command") for r in runs for k in ("zeroshot", "zeroshot_full")} - {None})
     parts.extend(f"- `{c}`" for c in zs_commands)
     parts.append("")
