@@ -38,7 +38,7 @@ def machine_line(m) -> str:
         return "unknown"
     dev = m.get("cuda") or f"CPU ({m.get('processor')}, {m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads)"
     load_avg = m.get("load_average_at_start")
-    extra = f"; load average at start {load_avg[0]:.1f} (the cores are shared with other jobs)" if load_avg else ""
+    extra = f"; 1-minute load average at start {load_avg[0]:.1f}" if load_avg else ""
     return f"{dev}, torch {m.get('torch')}, Python {m.get('python')}, commit {m.get('git_commit')}{extra}"
 
 
