@@ -517,7 +517,9 @@ def grid_reading(runs) -> str:
         out.append("**Distillation** (alpha 0.5, T 1; change in perplexity, negative = better): " + "; ".join(kd)
                    + ". It helps only where the pruned model is far from its teacher (random masks); for the "
                    "useful criteria it trades a little WikiText-2 for a little PTB and leaves C4 unchanged, while "
-                   "a step costs about 15% more (train_min above). At these budgets it is not worth turning on.")
+                   "a step costs 1.21x a plain `lora` step (step cost table: `bench/overhead.py`, measured alone on 1 "
+                   "thread; the grid's own train_min say about the same but ran at 2 threads). At these budgets it is "
+                   "not worth turning on.")
     if dense and "taylor_gate" in plain:
         best = plain["taylor_gate"]
         ratios = ", ".join(f"{col} {_ppl(best, m) / _ppl(dense, m):.2f}x" for m, col in PPL_COLUMNS
