@@ -502,11 +502,22 @@ def grid_reading(runs) -> str:
                 cells = [f"{col} {100 * (_ppl(plain[crit], m) / _ppl(ref, m) - 1):+.1f}%"
                          for m, col in PPL_COLUMNS if _ppl(plain[crit], m) and _ppl(ref, m)]
                 gaps.append(f"`{crit}` " + ", ".join(cells))
-        out.append("**Perplexity against `taylor_gate`** (same budget and tokens, no distillation): " + "; ".join(gaps)
-                   + ". The paper's LoRA-guided criterion (`lora`) loses clearly here: its masks leave a model "
-                   "that is worse than the full-gradient criterion it approximates (`vanilla`) on every set, "
-                   "and worse than the activation-based `wanda` too. `taylor_gate` and `vanilla` are within a few "
-                   "percent of each other; everything beats random by about 3x.")
+        line = "**Perplexity against `taylor_gate`** (same budget and tokens, no distillation): " + "; ".join(gaps) + "."
+        metrics = [m for m, _ in PPL_COLUMNS if all(_ppl(r, m) for r in plain.values())]
+
+        def worse_everywhere(a, b):  # does criterion a leave a higher perplexity than b on every set?
+            return a in plain and b in plain and metrics and all(_ppl(plain[a], m) > _ppl(plain[b], m) for m in metrics)
+
+        beaten_by = [f"`{c}`" for c in ("taylor_gate", "vanilla", "wanda") if worse_everywhere("lora", c)]
+        if beaten_by:
+            line += (" The paper's LoRA-guided criterion (`lora`) loses here: its masks leave a higher perplexity "
+                     f"on every set than {' and '.join([', '.join(beaten_by[:-1]), beaten_by[-1]] if len(beaten_by) > 1 else beaten_by)}"
+                     + (", including the full-gradient score it approximates (`vanilla`)" if "`vanilla`" in beaten_by
+                        else "") + ".")
+        if "random" in plain and metrics:
+            factor = min(_ppl(plain["random"], m) / _ppl(ref, m) for m in metrics)
+            line += f" Random masks are at least {factor:.1f}x worse than `taylor_gate` on every set."
+        out.append(line)
     kd = []
     for crit, r in plain.items():
         twin = next((t for t in twenty if t["criterion"] == crit and _distill(t)), None)
@@ -524,17 +535,30 @@ def grid_reading(runs) -> str:
         best = plain["taylor_gate"]
         ratios = ", ".join(f"{col} {_ppl(best, m) / _ppl(dense, m):.2f}x" for m, col in PPL_COLUMNS
                            if _ppl(best, m) and _ppl(dense, m))
-        line = f"**Best 20% model against dense** (`taylor_gate`, 113.3M vs 134.5M parameters): perplexity {ratios}"
+        line = (f"**Best 20% model against dense** (`taylor_gate`, {best['parameters'] / 1e6:.1f}M vs "
+                f"{dense['parameters'] / 1e6:.1f}M parameters): perplexity {ratios}")
         if best.get("zeroshot") and dense.get("zeroshot"):
             b, d = _grid_row(best, None), _grid_row(dense, None)
             line += (f"; mean accuracy {b['mean acc']:.1f} vs {d['mean acc']:.1f} ({b['mean acc'] - d['mean acc']:+.1f} "
                      f"points), without BoolQ {b['mean w/o BoolQ']:.1f} vs {d['mean w/o BoolQ']:.1f} "
                      f"({b['mean w/o BoolQ'] - d['mean w/o BoolQ']:+.1f} points). The six-task mean hides the loss: "
-                     f"BoolQ goes from {d['BoolQ']:.1f} to {b['BoolQ']:.1f}, and 63.0% of its first 500 answers are "
-                     "\"yes\": the dense model answers mostly \"no\" (always \"no\" would score 37.0), the pruned "
-                     "one almost always \"yes\". That jump is a change of bias, not of reading; the other five tasks "
-                     "are the signal")
+                     f"BoolQ goes from {d['BoolQ']:.1f} to {b['BoolQ']:.1f}, and the gold answer of 63.0% of its first "
+                     "500 questions is \"yes\": the dense model answers mostly \"no\" (always \"no\" would score "
+                     "37.0), the pruned one almost always \"yes\". That jump is a change of bias, not of reading; the "
+                     "other five tasks are the signal")
         out.append(line + ".")
+    full = [r for r in runs if r.get("zeroshot_full") and r["mode"] != "dense"]
+    if dense and dense.get("zeroshot_full") and full:
+        d = _grid_row(dense, None, "zeroshot_full")
+        cells = []
+        for r in full:
+            b = _grid_row(r, None, "zeroshot_full")
+            cells.append(f"{_method(r)} {r['ratio']:.0%}: mean {b['mean acc']:.1f} ({b['mean acc'] - d['mean acc']:+.1f}), "
+                         f"without BoolQ {b['mean w/o BoolQ']:.1f} ({b['mean w/o BoolQ'] - d['mean w/o BoolQ']:+.1f}), "
+                         f"BoolQ {b['BoolQ']:.1f}")
+        out.append(f"**On the full task sets** (every item; dense: mean {d['mean acc']:.1f}, without BoolQ "
+                   f"{d['mean w/o BoolQ']:.1f}, BoolQ {d['BoolQ']:.1f}, standard error of a six-task mean about "
+                   f"{d['± mean']:.1f} points): " + "; ".join(cells) + ".")
     fifty = {(_method(r)): r for r in runs if r["ratio"] == 0.5}
     if fifty:
         cells = [f"{name}: " + " / ".join(f"{_ppl(r, m):.1f}" for m, _ in PPL_COLUMNS if _ppl(r, m))
@@ -544,9 +568,11 @@ def grid_reading(runs) -> str:
         iterative = [r for r in runs if r["ratio"] == 0.5 and r["mode"] == "iterative"
                      and oneshot is not None and r["criterion"] == oneshot["criterion"]]
         for r in iterative:
-            line += (f" With `{r['criterion']}`, pruning while fine-tuning ({_method(r)}) left a WikiText-2 perplexity "
-                     f"{_ppl(oneshot, PPL_COLUMNS[0][0]) / _ppl(r, PPL_COLUMNS[0][0]):.1f}x lower than pruning once "
-                     "and then fine-tuning on the same tokens.")
+            ratios = " / ".join(f"{_ppl(oneshot, m) / _ppl(r, m):.1f}x" for m, _ in PPL_COLUMNS
+                                if _ppl(oneshot, m) and _ppl(r, m))
+            like_for_like = "; like for like, as the one-shot fine-tune has no distillation either" if not _distill(r) else ""
+            line += (f" With `{r['criterion']}`, pruning while fine-tuning ({_method(r)}{like_for_like}) left "
+                     f"perplexities {ratios} lower than pruning once and then fine-tuning on the same tokens.")
         target = next((r.get("target") for r in runs if r["ratio"] == 0.5 and r.get("target")), None) or {}
         if target.get("mlp_channels_pruned_per_layer") is not None and target.get("mlp_channels_per_layer"):
             line += (f" At this budget {target['mlp_channels_pruned_per_layer']:,} of every layer's "
