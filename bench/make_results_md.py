@@ -493,7 +493,17 @@ def grid_reading(runs) -> str:
                 best, value = max(scored, key=lambda x: x[1])
                 winners.append(f"zero-shot {col} {_method(best)} ({value:.1f}; {len(scored)} of {len(twenty)} runs "
                                "evaluated)")
-        out.append("**Winners at 20%** (lowest perplexity, highest accuracy): " + "; ".join(winners) + ".")
+        line = "**Winners at 20%** (lowest perplexity, highest accuracy): " + "; ".join(winners) + "."
+        useful = [(r, row) for r, row in zs if r["criterion"] != "random" and row.get("mean w/o BoolQ") is not None]
+        if len(useful) > 1:
+            values = [row["mean w/o BoolQ"] for _, row in useful]
+            errors = [[t["acc_stderr"] for n, t in r["zeroshot"]["tasks"].items() if n != "boolq"] for r, _ in useful]
+            se = max(100 * sum(e * e for e in errs) ** 0.5 / len(errs) for errs in errors)
+            line += (f" Without BoolQ, the {len(useful)} non-random runs span {min(values):.1f}-{max(values):.1f} "
+                     f"({max(values) - min(values):.1f} points), against a standard error of up to {se:.1f} points for "
+                     "one such mean: zero-shot accuracy separates random masks from the rest, not the criteria from "
+                     "each other; perplexity does, at least for gaps as large as `lora`'s.")
+        out.append(line)
     if "taylor_gate" in plain:
         ref = plain["taylor_gate"]
         gaps = []
