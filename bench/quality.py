@@ -603,22 +603,29 @@ def report(args):
 
 
 def beats_baselines(runs) -> dict:
-    """Per ratio, mode and metric: does ``lora`` have the lowest perplexity among the criteria run?"""
+    """Per ratio, mode, distillation weight and metric: does ``lora`` have the lowest perplexity among the
+    criteria run with the same settings?"""
+    def distill(run):
+        return (run.get("settings") or {}).get("distill_alpha") or 0.0
+
     lines, cells = [], []
     for ratio in sorted({r["ratio"] for r in runs if r["ratio"]}):
         for mode in ("iterative", "oneshot"):
-            group = {r["criterion"]: r for r in runs if r["ratio"] == ratio and r["mode"] == mode}
-            if "lora" not in group or len(group) < 2:
-                continue
-            for metric in group["lora"]["metrics"]:
-                ppl = {c: r["metrics"][metric]["perplexity"] for c, r in group.items() if metric in r["metrics"]}
-                best = min(ppl, key=ppl.get)
-                cells.append({"ratio": ratio, "mode": mode, "metric": metric, "best": best, "lora": ppl["lora"],
-                              "others": {c: v for c, v in ppl.items() if c != "lora"}})
-                lines.append(f"ratio {ratio:g} {mode:9s} {metric:24s} best={best:9s} lora={ppl['lora']:.2f} "
-                             + " ".join(f"{c}={v:.2f}" for c, v in ppl.items() if c != "lora"))
+            for alpha in sorted({distill(r) for r in runs if r["ratio"] == ratio and r["mode"] == mode}):
+                group = {r["criterion"]: r for r in runs
+                         if r["ratio"] == ratio and r["mode"] == mode and distill(r) == alpha}
+                if "lora" not in group or len(group) < 2:
+                    continue
+                kd = f" kd={alpha:g}" if alpha else ""
+                for metric in group["lora"]["metrics"]:
+                    ppl = {c: r["metrics"][metric]["perplexity"] for c, r in group.items() if metric in r["metrics"]}
+                    best = min(ppl, key=ppl.get)
+                    cells.append({"ratio": ratio, "mode": mode, "distill_alpha": alpha, "metric": metric, "best": best,
+                                  "lora": ppl["lora"], "others": {c: v for c, v in ppl.items() if c != "lora"}})
+                    lines.append(f"ratio {ratio:g} {mode:9s}{kd} {metric:24s} best={best:11s} lora={ppl['lora']:.2f} "
+                                 + " ".join(f"{c}={v:.2f}" for c, v in ppl.items() if c != "lora"))
     wins = sum(c["best"] == "lora" for c in cells)
-    lines.append(f"lora is best in {wins} of {len(cells)} (ratio, mode, metric) cells")
+    lines.append(f"lora is best in {wins} of {len(cells)} (ratio, mode, distillation, metric) cells")
     return {"lines": lines, "cells": cells, "lora_best": wins, "cells_total": len(cells)}
 
 

@@ -215,3 +215,18 @@ def test_param_ratio_oneshot_saved_models_and_later_zeroshot(tmp_path, data_dir,
         quality_zeroshot.main(["--out", str(out), "--models", str(tmp_path / "nowhere"), "--model", model_dir,
                                "--runs", "dense", "oneshot-magnitude-r0.3"])
     assert "oneshot-magnitude-r0.3" in str(e.value) and "--save-models" in str(e.value)
+
+
+def test_verdict_compares_criteria_only_at_the_same_distillation_weight():
+    """A plain run must not be ranked against a distilled one: each (ratio, mode, alpha) is its own group."""
+    def run(criterion, alpha, ppl):
+        return {"criterion": criterion, "ratio": 0.2, "mode": "iterative", "settings": {"distill_alpha": alpha},
+                "metrics": {"wikitext2/llm-pruner": {"perplexity": ppl}}}
+
+    verdict = quality.beats_baselines([run("lora", 0.0, 100.0), run("taylor_gate", 0.0, 90.0),
+                                       run("lora", 0.5, 80.0), run("taylor_gate", 0.5, 85.0)])
+    by_alpha = {c["distill_alpha"]: c for c in verdict["cells"]}
+    assert sorted(by_alpha) == [0.0, 0.5]
+    assert by_alpha[0.0]["best"] == "taylor_gate" and by_alpha[0.0]["others"] == {"taylor_gate": 90.0}
+    assert by_alpha[0.5]["best"] == "lora" and by_alpha[0.5]["lora"] == 80.0
+    assert verdict["lora_best"] == 1 and verdict["cells_total"] == 2
