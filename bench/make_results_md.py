@@ -571,9 +571,15 @@ def grid_reading(runs) -> str:
                    f"{d['± mean']:.1f} points): " + "; ".join(cells) + ".")
     fifty = {(_method(r)): r for r in runs if r["ratio"] == 0.5}
     if fifty:
-        cells = [f"{name}: " + " / ".join(f"{_ppl(r, m):.1f}" for m, _ in PPL_COLUMNS if _ppl(r, m))
+        def zs_cell(r):
+            row = _grid_row(r, None)
+            return f", mean accuracy without BoolQ {row['mean w/o BoolQ']:.1f}" if row.get("mean w/o BoolQ") is not None else ""
+
+        cells = [f"{name}: " + " / ".join(f"{_ppl(r, m):.1f}" for m, _ in PPL_COLUMNS if _ppl(r, m)) + zs_cell(r)
                  for name, r in fifty.items()]
-        line = "**50%** (WikiText-2 / PTB / C4): " + "; ".join(cells) + "."
+        reference = f" (dense: mean accuracy without BoolQ {_grid_row(dense, None)['mean w/o BoolQ']:.1f})" if (
+            dense and dense.get("zeroshot")) else ""
+        line = "**50%** (WikiText-2 / PTB / C4 perplexity): " + "; ".join(cells) + reference + "."
         oneshot = next((r for r in runs if r["ratio"] == 0.5 and r["mode"] == "oneshot"), None)
         iterative = [r for r in runs if r["ratio"] == 0.5 and r["mode"] == "iterative"
                      and oneshot is not None and r["criterion"] == oneshot["criterion"]]
