@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import quality  # noqa: E402
 
 OUT = os.path.join(common.REPO_ROOT, "docs", "results.md")
 
@@ -348,10 +349,7 @@ TASK_COLUMNS = [("boolq", "BoolQ"), ("piqa", "PIQA"), ("winogrande", "WinoG"), (
 PPL_COLUMNS = [("wikitext2/llm-pruner", "WikiText-2"), ("ptb/llm-pruner", "PTB"), ("c4/llm-pruner", "C4 val")]
 
 
-def _distill(run) -> float:
-    if run["mode"] == "dense":
-        return 0.0
-    return (run.get("settings") or {}).get("distill_alpha") or 0.0
+_distill = quality.distill_alpha
 
 
 def _method(run) -> str:
@@ -472,6 +470,21 @@ def _ppl(run, metric):
     return run["metrics"][metric]["perplexity"] if metric in run["metrics"] else None
 
 
+def _boolq_yes_share(limit: int | None) -> float | None:
+    """Share (%) of gold "yes" answers among the first ``limit`` BoolQ validation questions (all if None), read
+    from the local task file; None where the data folder is not at hand."""
+    import json
+
+    try:
+        path = common.data_file(os.path.join("zeroshot", "boolq", "val.jsonl"))
+        with open(path, encoding="utf-8") as f:
+            labels = [str(json.loads(line)["label"]).lower() == "true" for line in f if line.strip()]
+    except (FileNotFoundError, KeyError):
+        return None
+    labels = labels[:limit] if limit else labels
+    return 100 * sum(labels) / len(labels) if labels else None
+
+
 def grid_reading(runs) -> str:
     """What the grid shows, in sentences computed from the runs (so a rerun cannot leave stale numbers)."""
     dense = next((r for r in runs if r["mode"] == "dense"), None)
@@ -553,10 +566,13 @@ def grid_reading(runs) -> str:
             line += (f"; mean accuracy {b['mean acc']:.1f} vs {d['mean acc']:.1f} ({b['mean acc'] - d['mean acc']:+.1f} "
                      f"points), without BoolQ {b['mean w/o BoolQ']:.1f} vs {d['mean w/o BoolQ']:.1f} "
                      f"({b['mean w/o BoolQ'] - d['mean w/o BoolQ']:+.1f} points). The six-task mean hides the loss: "
-                     f"BoolQ goes from {d['BoolQ']:.1f} to {b['BoolQ']:.1f}, and the gold answer of 63.0% of its first "
-                     "500 questions is \"yes\": the dense model answers mostly \"no\" (always \"no\" would score "
-                     "37.0), the pruned one almost always \"yes\". That jump is a change of bias, not of reading; the "
-                     "other five tasks are the signal")
+                     f"BoolQ goes from {d['BoolQ']:.1f} to {b['BoolQ']:.1f}")
+            yes = _boolq_yes_share(best["zeroshot"]["limit"])
+            if yes is not None:
+                line += (f", and the gold answer of {yes:.1f}% of the questions scored is \"yes\" (always \"no\" "
+                         f"would score {100 - yes:.1f}): the dense model answers mostly \"no\", the pruned one almost "
+                         "always \"yes\". That jump is a change of bias, not of reading; the other five tasks are the "
+                         "signal")
         out.append(line + ".")
     full = [r for r in runs if r.get("zeroshot_full") and r["mode"] != "dense"]
     if dense and dense.get("zeroshot_full") and full:

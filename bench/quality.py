@@ -602,18 +602,22 @@ def report(args):
     plot_curves(runs, args.out.rstrip("/") + ".curve.png")
 
 
+def distill_alpha(run) -> float:
+    """The distillation weight a run trained with (0.0 for the dense run and for plain LoRA)."""
+    if run["mode"] == "dense":
+        return 0.0
+    return (run.get("settings") or {}).get("distill_alpha") or 0.0
+
+
 def beats_baselines(runs) -> dict:
     """Per ratio, mode, distillation weight and metric: does ``lora`` have the lowest perplexity among the
     criteria run with the same settings?"""
-    def distill(run):
-        return (run.get("settings") or {}).get("distill_alpha") or 0.0
-
     lines, cells = [], []
     for ratio in sorted({r["ratio"] for r in runs if r["ratio"]}):
         for mode in ("iterative", "oneshot"):
-            for alpha in sorted({distill(r) for r in runs if r["ratio"] == ratio and r["mode"] == mode}):
+            for alpha in sorted({distill_alpha(r) for r in runs if r["ratio"] == ratio and r["mode"] == mode}):
                 group = {r["criterion"]: r for r in runs
-                         if r["ratio"] == ratio and r["mode"] == mode and distill(r) == alpha}
+                         if r["ratio"] == ratio and r["mode"] == mode and distill_alpha(r) == alpha}
                 if "lora" not in group or len(group) < 2:
                     continue
                 kd = f" kd={alpha:g}" if alpha else ""
