@@ -458,7 +458,9 @@ def section_grid(parts):
                                           f"{_load(r['zeroshot'].get('load_average_at_end'))}") if r.get("zeroshot") else None}
             for r in runs]
     parts.append("Per run: training tokens, wall times and the 1-minute load average at start and end (each run "
-                 "alone on the 2 cores with 2 torch threads, so about 2 is the run's own load):\n")
+                 "alone on the 2 cores with 2 torch threads, so about 2 is the run's own load). These minutes record what a "
+                 "run cost on this machine; they are not speed comparisons (for those, see the quiet 1-thread tables: "
+                 "inference speed, criterion cost, step overhead):\n")
     parts.append(md_table(cost, ["run", "tokens", "train_min", "eval_min", "load_start/end",
                                  "zero-shot load start/end"]) + "\n")
     parts.append(grid_reading(runs))
