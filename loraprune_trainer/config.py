@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .compensation import COMPENSATIONS
 from .criteria import CRITERIA, SCORE_FORMS
 from .distill import DISTILL_TEACHERS
 from .schedule import SCHEDULES
@@ -73,6 +74,24 @@ class LoRAPruneConfig(SFTConfig):
             Fraction of training steps before the first unit is pruned (scores accumulate meanwhile).
         pruning_cooldown_ratio (`float`, defaults to `0.1`):
             Fraction of training steps at the end with the full target pruned (recovery fine-tuning).
+
+        > Compensating each cut (see `loraprune_trainer.compensation`)
+
+        compensation (`str`, defaults to `"none"`):
+            At every mask update, refit the consumer of the removed units (`down_proj` for MLP channels, `o_proj`
+            for attention units) so that its output on recent inputs changes as little as possible. `"none"`: plain
+            deletion. `"lstsq"`: the kept columns of the base weight get `W'_P C_PK (C_KK + lambda I)^-1` (ridge
+            least squares, `C = E[x x^T]` of the consumer's input, `W' = W + s B A`). `"bias"`: the consumer's bias
+            gets `W'_P E[x_P]` (FLAP); a zero bias is added where there is none, and the export sets `mlp_bias` /
+            `attention_bias` (so the sibling projections get zero biases), which only configs with those fields
+            can describe (Llama; Qwen3 for attention only); other models are refused. Refused for 8-bit/4-bit
+            bases (re-quantizing the refitted weight would add an error as large as the refit) and under FSDP.
+        compensation_batches (`int`, defaults to `8`):
+            Micro-batches (per process) before each mask update whose consumer inputs are accumulated, never
+            reaching back past the previous mask update. Statistics are kept only during this window: `lstsq` holds
+            a float32 `[in, in]` matrix per changing consumer (`[d_ff, d_ff]` per layer for MLP channels).
+        compensation_lambda (`float`, defaults to `0.1`):
+            Ridge of `lstsq`, relative to the mean of `diag(C_KK)` (>= 0; 0 is plain least squares).
     """
 
     pruning_ratio: float = field(
@@ -126,6 +145,18 @@ class LoRAPruneConfig(SFTConfig):
         default=0.1, metadata={"help": "Fraction of training steps at the end with the full target pruned."}
     )
 
+    compensation: str = field(
+        default="none",
+        metadata={"help": "Refit the consumer (down_proj / o_proj) of removed units at every mask update.",
+                  "choices": list(COMPENSATIONS)},
+    )
+    compensation_batches: int = field(
+        default=8, metadata={"help": "Micro-batches before each mask update whose inputs feed the refit."}
+    )
+    compensation_lambda: float = field(
+        default=0.1, metadata={"help": "Ridge of the `lstsq` refit, relative to the mean of diag(C_KK) (>= 0)."}
+    )
+
     def __post_init__(self):
         for name in ("pruning_ratio", "attention_pruning_ratio", "mlp_pruning_ratio"):
             value = getattr(self, name)
@@ -168,6 +199,12 @@ class LoRAPruneConfig(SFTConfig):
                 "`pruning_warmup_ratio + pruning_cooldown_ratio` must be < 1 so that some steps prune, got "
                 f"{self.pruning_warmup_ratio} + {self.pruning_cooldown_ratio}"
             )
+        if self.compensation not in COMPENSATIONS:
+            raise ValueError(f"`compensation` must be one of {COMPENSATIONS}, got {self.compensation!r}")
+        if not (isinstance(self.compensation_batches, int) and self.compensation_batches >= 1):
+            raise ValueError(f"`compensation_batches` must be an integer >= 1, got {self.compensation_batches!r}")
+        if not (isinstance(self.compensation_lambda, (int, float)) and 0.0 <= self.compensation_lambda < float("inf")):
+            raise ValueError(f"`compensation_lambda` must be a finite number >= 0, got {self.compensation_lambda!r}")
         super().__post_init__()
 
     @property
@@ -184,5 +221,6 @@ class LoRAPruneConfig(SFTConfig):
             "pruning_ratio", "attention_pruning_ratio", "mlp_pruning_ratio", "param_pruning_ratio", "attention_unit",
             "pruning_criterion", "score_form", "normalize_scores", "ema_lambda", "prune_freq", "pruning_schedule",
             "pruning_warmup_ratio", "pruning_cooldown_ratio", "distill_alpha", "distill_temperature", "distill_teacher",
+            "compensation", "compensation_batches", "compensation_lambda",
         ]
         return {n: getattr(self, n) for n in names}

@@ -47,6 +47,13 @@ def check_distributed_backend(trainer) -> None:
             "(and under ZeRO `param.grad` is partitioned). Use DDP (accelerate_configs/multi_gpu.yaml; LoRA states "
             "are small) or FSDP2 (accelerate_configs/fsdp2.yaml) to shard the frozen base model."
         )
+    compensation = getattr(getattr(trainer, "args", None), "compensation", "none")
+    if compensation != "none" and getattr(trainer, "is_fsdp_enabled", False):
+        raise UnsupportedBackendError(
+            f"`compensation={compensation!r}` is not supported under FSDP: the refit writes into base weights that "
+            "FSDP shards across ranks, and each rank would need the whole refitted matrix scattered back into its "
+            "shard. Use DDP (accelerate_configs/multi_gpu.yaml), or `compensation=\"none\"` under FSDP2."
+        )
     if getattr(trainer, "is_fsdp_enabled", False):
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
         version = getattr(plugin, "fsdp_version", 1)

@@ -26,6 +26,7 @@ from .structure import ROWS, _unwrap, discover_structure
 REPORT_NAME = "pruning_report.json"
 MASKS_NAME = "pruning_masks.safetensors"
 PRUNING_CONFIG_NAME = "pruning_config.json"
+CONSUMERS_NAME = "compensated_consumers.safetensors"
 
 
 class ExportError(RuntimeError):
@@ -158,6 +159,8 @@ def build_pruned_state(model, pruning_state: PruningState, dtype: torch.dtype | 
     new = config.to_dict()
     new.pop("quantization_config", None)
     new.update(head_dim=structure.head_dim, intermediate_size=intermediate)
+    bias_flags = _bias_flags(state, new)
+    new.update(bias_flags)
     base_config = type(config).from_dict({**new, "num_attention_heads": structure.num_heads,
                                           "num_key_value_heads": structure.num_kv_heads})
     padded_per_kv, new_config = _loadable_head_count(base_config, num_kv, q_per_kv)
@@ -170,6 +173,8 @@ def build_pruned_state(model, pruning_state: PruningState, dtype: torch.dtype | 
                 key = f"{prefix}.self_attn.{proj}"
                 if key in state:
                     state[key] = _pad_heads(state[key], dim, num_kv, q_per_kv, padded_per_kv, structure.head_dim)
+    if bias_flags:
+        _add_zero_biases(state, new_config)
     target_dtype = dtype or getattr(config, "dtype", None) or next(hf.parameters()).dtype
     if isinstance(target_dtype, str):
         target_dtype = getattr(torch, target_dtype)
@@ -184,6 +189,35 @@ def build_pruned_state(model, pruning_state: PruningState, dtype: torch.dtype | 
         "parameters_before": before,
     }
     return state, new_config, info
+
+
+# Which config flag gives a Llama-family consumer a bias: it gives every projection of its kind one.
+_BIAS_FLAGS = {".mlp.down_proj.bias": "mlp_bias", ".self_attn.o_proj.bias": "attention_bias"}
+
+
+def _bias_flags(state: dict[str, torch.Tensor], config: dict) -> dict[str, bool]:
+    """Config flags to switch on because a consumer carries a bias the config does not describe
+    (``compensation="bias"`` adds one); :class:`ExportError` if the config class has no such flag."""
+    flags = {}
+    for suffix, flag in _BIAS_FLAGS.items():
+        if not any(k.endswith(suffix) for k in state) or config.get(flag):
+            continue
+        if flag not in config:
+            raise ExportError(f"The model has {suffix.strip('.')} biases but its config has no `{flag}` field: stock "
+                              "transformers would drop them.")
+        flags[flag] = True
+    return flags
+
+
+def _add_zero_biases(state: dict[str, torch.Tensor], config) -> None:
+    """Zero biases for every bias the (flag-switched) config expects and ``state`` lacks: the
+    sibling projections of a biased consumer. Zeros change no output."""
+    with torch.device("meta"):
+        expected = AutoModelForCausalLM.from_config(config).state_dict()
+    for key, tensor in expected.items():
+        if key.endswith(".bias") and key not in state:
+            weight = state[key[:-len("bias")] + "weight"]
+            state[key] = torch.zeros(tensor.shape, dtype=weight.dtype, device=weight.device)
 
 
 def _count(state: dict[str, torch.Tensor], prefix_filter=None, tied: bool = False) -> int:
@@ -286,11 +320,16 @@ def save_pruned_model(model, pruning_state: PruningState, output_dir: str, token
     return report
 
 
-def save_adapter_and_masks(model, pruning_state: PruningState, output_dir: str, settings: dict) -> None:
-    """The reference format: PEFT adapter (full base shapes) + boolean masks + pruning settings."""
+def save_adapter_and_masks(model, pruning_state: PruningState, output_dir: str, settings: dict,
+                           consumers: dict[str, torch.Tensor] | None = None) -> None:
+    """The reference format: PEFT adapter (full base shapes) + boolean masks + pruning settings;
+    with ``compensation``, also the refitted consumers' base weights/biases (``consumers``, from
+    :func:`loraprune_trainer.compensation.consumer_tensors`), which the adapter does not hold."""
     structure = pruning_state.structure
     with atomic_directory(output_dir) as tmp:
         model.save_pretrained(tmp)
+        if consumers:
+            save_file({k: v.contiguous() for k, v in consumers.items()}, os.path.join(tmp, CONSUMERS_NAME))
         save_file({f"keep.{n}": k.to(torch.uint8) for n, k in pruning_state.keep.items()},
                   os.path.join(tmp, MASKS_NAME))
         with open(os.path.join(tmp, PRUNING_CONFIG_NAME), "w") as f:
@@ -302,7 +341,7 @@ def load_masked_model(base_model, adapter_dir: str):
     """Load an adapter + masks folder onto the original base model.
 
     Returns ``(peft_model, pruning_state, hooks)``: the model computes what the pruned model
-    computes; pass it with ``pruning_state`` to :func:`save_pruned_model` to compact it.
+    computes (base weights refitted by ``compensation`` are restored from the folder); pass it with ``pruning_state`` to :func:`save_pruned_model` to compact it.
     """
     from peft import PeftModel
 
@@ -318,4 +357,9 @@ def load_masked_model(base_model, adapter_dir: str):
                              f"vs {tuple(state.keep[name].shape)}")
         state.keep[name].copy_(masks[f"keep.{name}"].bool())
     state.version += 1
+    consumers_file = os.path.join(adapter_dir, CONSUMERS_NAME)
+    if os.path.isfile(consumers_file):  # compensation refitted these base weights: put them back
+        from .compensation import load_consumer_tensors
+
+        load_consumer_tensors(structure, load_file(consumers_file))
     return peft_model, state, MaskHooks(state)

@@ -11,6 +11,10 @@ compared against at an equal number of training tokens (same dataset, steps, bat
 * ``vanilla``: the same backward pass with the base weights' true gradients.
 * ``taylor_gate``: the same backward pass; per-unit gate gradients summed over all batches.
 * ``wanda``: forward passes only (activation norms); ``magnitude``/``random``: no data at all.
+
+``compensation="lstsq"`` / ``"bias"`` refits the consumers of the removed units before the cut
+(:mod:`loraprune_trainer.compensation`), with input moments from one more forward pass over the
+calibration batches through the unpruned model.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .compensation import (COMPENSATIONS, MomentAccumulator, check_bias_supported, compensate, consumer,
+                           consumer_name, consumer_tensors, ensure_bias, load_consumer_tensors)
 from .criteria import build_criterion
+from .criteria.common import base_linear
 from .masks import PruningState
 from .schedule import final_prune_count
 from .structure import _unwrap, discover_structure
@@ -169,11 +176,22 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
                   pruning_ratio: float = 0.5, attention_ratio: float | None = None, mlp_ratio: float | None = None,
                   attention_unit: str = "kv_group", max_length: int = 128, batch_size: int = 4,
                   score_form: str = "square", normalize_scores: bool = False, seed: int = 0,
-                  lora_config=None) -> OneShotResult:
+                  lora_config=None, compensation: str = "none", compensation_lambda: float = 0.1) -> OneShotResult:
     """Score ``model`` once with ``criterion`` (:func:`oneshot_scores`), prune to the target and
     return the compact pruned model. ``model`` is left as it was (same weights, no adapter).
     Ratios are per layer, rounded exactly as the trainer rounds them.
+
+    ``compensation`` (``"none"``, ``"lstsq"``, ``"bias"``) and ``compensation_lambda``: as in
+    :class:`~loraprune_trainer.config.LoRAPruneConfig`; the statistics come from the calibration
+    texts (needed then, whatever the criterion), through the dense model.
     """
+    if compensation not in COMPENSATIONS:
+        raise ValueError(f"`compensation` must be one of {COMPENSATIONS}, got {compensation!r}")
+    if not 0.0 <= compensation_lambda < float("inf"):
+        raise ValueError(f"`compensation_lambda` must be a finite number >= 0, got {compensation_lambda!r}")
+    if compensation != "none" and not calibration_texts:
+        raise ValueError(f"`compensation={compensation!r}` takes its statistics from calibration samples: pass "
+                         "`calibration_texts`.")
     attn_ratio = pruning_ratio if attention_ratio is None else attention_ratio
     mlp_r = pruning_ratio if mlp_ratio is None else mlp_ratio
     for name, value in (("pruning_ratio", pruning_ratio), ("attention_ratio", attn_ratio), ("mlp_ratio", mlp_r)):
@@ -182,11 +200,20 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
     scored = oneshot_scores(model, tokenizer, calibration_texts, criterion, attention_unit, max_length, batch_size,
                             score_form, normalize_scores, seed, lora_config)
     state = scored.state
+    records, undo = [], None
     try:
         structure = state.structure
+        before = {n: k.clone() for n, k in state.keep.items()}
         counts = prune_by_scores(state, attn_ratio, mlp_r)
+        if compensation != "none":
+            undo = {}
+            records = _compensate_calibrated(scored.peft_model, structure, before, state.keep, compensation,
+                                             compensation_lambda, calibration_batches(
+                                                 tokenizer, calibration_texts, max_length, batch_size), undo)
         pruned, info = compact_model(scored.peft_model, state)
     finally:
+        if undo:
+            _undo_compensation(structure, undo)
         restored = scored.release()
     state.structure = discover_structure(restored, attention_unit)  # point at the caller's model, not PEFT's
 
@@ -205,8 +232,45 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
         "num_attention_heads": info["num_attention_heads"],
         "num_key_value_heads": info["num_key_value_heads"],
         "intermediate_size": info["intermediate_size"],
+        "compensation": compensation,
+        "compensation_lambda": compensation_lambda if compensation == "lstsq" else None,
+        "compensation_history": records,
     }
     return OneShotResult(pruned, state, report)
+
+
+@torch.no_grad()
+def _compensate_calibrated(peft_model, structure, before, after, method, ridge, batches, undo) -> list[dict]:
+    """Moments of the changed consumers' inputs over ``batches`` (dense model), then the refit.
+    ``undo`` receives what :func:`_undo_compensation` needs to give the caller its weights back."""
+    groups = [g for g in structure.groups() if bool((before[g.name] & ~after[g.name]).any())]
+    if method == "bias":
+        config = _unwrap(peft_model).config
+        check_bias_supported(config.get_text_config() if hasattr(config, "get_text_config") else config, structure,
+                             sorted({g.kind for g in groups}))
+    names = {consumer_name(g): consumer(structure, g) for g in groups}
+    undo["tensors"] = consumer_tensors(structure, names)
+    undo["added_bias"] = [n for n, m in names.items() if method == "bias" and ensure_bias(m)]
+    accumulator = MomentAccumulator(peft_model, second_moments=method == "lstsq")
+    device = next(peft_model.parameters()).device
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        accumulator.watch(names)
+        for b in batches:
+            peft_model(**{k: v.to(device) for k, v in b.items() if k != "labels"})
+        return compensate(structure, before, after, accumulator.moments, method, ridge)
+    finally:
+        accumulator.remove()
+        peft_model.train(was_training)
+
+
+def _undo_compensation(structure, undo) -> None:
+    """Put back the caller's consumer weights and drop biases the refit added."""
+    load_consumer_tensors(structure, {k: v for k, v in undo["tensors"].items()})
+    groups = {consumer_name(g): g for g in structure.groups()}
+    for name in undo.get("added_bias", []):
+        base_linear(consumer(structure, groups[name])).bias = None
 
 
 def finetune_compact(model: nn.Module, tokenizer, train_dataset, args, lora_config=None, merge: bool = True):

@@ -7,6 +7,11 @@ A LoRAPrune run is defined by three things that Trainer's own checkpoint does no
 * the schedule position, which is a pure function of ``state.global_step`` (restored by Trainer)
   and of the total number of steps and the pruning settings (both recorded here and checked).
 
+With ``compensation``, the refits change the frozen base weights, which a PEFT checkpoint does not
+hold: ``compensation_state.safetensors`` keeps the refitted consumers' current base weights (and
+biases) exactly, in their own dtype, plus the running input sums of a statistics window that the
+checkpoint falls into; ``compensation_state.json`` the window's target step and the refit history.
+
 ``LoRAPruneTrainer._save_checkpoint`` writes ``pruning_state.safetensors`` and
 ``pruning_settings.json`` into every ``checkpoint-N`` folder; ``LoRAPruneTrainer.train`` loads
 them when ``resume_from_checkpoint`` is given, and refuses a checkpoint written with other settings.
@@ -24,6 +29,11 @@ from .masks import PruningState
 
 PRUNING_STATE_NAME = "pruning_state.safetensors"
 PRUNING_SETTINGS_NAME = "pruning_settings.json"
+COMPENSATION_STATE_NAME = "compensation_state.safetensors"
+COMPENSATION_META_NAME = "compensation_state.json"
+
+# Settings added after checkpoints were first written, with the value that reproduces the older runs.
+_LATER_SETTINGS = {"compensation": "none", "compensation_batches": 8, "compensation_lambda": 0.1}
 
 
 class ResumeError(ValueError):
@@ -87,7 +97,8 @@ def load_pruning_checkpoint(folder: str, pruning_state: PruningState, settings: 
         meta = json.load(f)
     # JSON turns tuples into lists; compare through the same round trip.
     current = json.loads(json.dumps(settings))
-    diff = _differences(meta.get("settings", {}), current)
+    saved = {**{k: v for k, v in _LATER_SETTINGS.items() if k in current}, **meta.get("settings", {})}
+    diff = _differences(saved, current)
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ResumeError(
@@ -112,3 +123,25 @@ def check_total_steps(meta: dict | None, total_steps: int) -> None:
             f"The checkpoint's run had {meta['total_steps']} training steps, this one has {total_steps}: the pruning "
             "schedule would change mid-run. Keep `max_steps` (or epochs, batch size and dataset) as they were."
         )
+
+
+def save_compensation_checkpoint(folder: str, tensors: dict, meta: dict) -> None:
+    """Write the compensation state (refitted consumer tensors, an open window's sums) into ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, COMPENSATION_STATE_NAME))
+    with open(os.path.join(folder, COMPENSATION_META_NAME), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+
+
+def load_compensation_checkpoint(folder: str) -> tuple[dict, dict]:
+    """``(tensors, meta)`` written by :func:`save_compensation_checkpoint`; :class:`ResumeError` if absent."""
+    state_file = os.path.join(folder, COMPENSATION_STATE_NAME)
+    meta_file = os.path.join(folder, COMPENSATION_META_NAME)
+    if not (os.path.isfile(state_file) and os.path.isfile(meta_file)):
+        raise ResumeError(
+            f"{folder!r} has no {COMPENSATION_STATE_NAME}: the refitted base weights of the interrupted run are "
+            "unknown, so it cannot be resumed exactly."
+        )
+    with open(meta_file) as f:
+        meta = json.load(f)
+    return load_file(state_file), meta

@@ -11,16 +11,18 @@ import torch
 from transformers import AutoConfig
 from trl import SFTTrainer
 
-from .callback import LoRAPruneCallback, update_masks
+from .callback import CompensationCallback, LoRAPruneCallback, update_masks
+from .compensation import check_bias_supported, consumer, ensure_bias
 from .config import LoRAPruneConfig
 from .criteria import build_criterion
 from .distill import BackboneOutput, backbone_and_head, distill_sums, head_weights, teacher_mode
 from .distributed import check_distributed_backend
 from .masks import MaskHooks, PruningState
-from .resume import check_total_steps, load_pruning_checkpoint, resolve_checkpoint, save_pruning_checkpoint
+from .resume import (check_total_steps, load_compensation_checkpoint, load_pruning_checkpoint, resolve_checkpoint,
+                     save_compensation_checkpoint, save_pruning_checkpoint)
 from .schedule import PruningSchedule, budget_prune_counts, final_prune_count
-from .structure import (check_supported_config, decoder_parameters, discover_structure, lora_coverage_problems,
-                        unit_parameters)
+from .structure import (_unwrap, check_supported_config, decoder_parameters, discover_structure,
+                        lora_coverage_problems, unit_parameters)
 
 logger = logging.getLogger(__name__)
 
@@ -152,10 +154,36 @@ class LoRAPruneTrainer(SFTTrainer):
         self._params_before = count_base_parameters(self.model)
         self.pruning_callback = LoRAPruneCallback(self)
         self.add_callback(self.pruning_callback)
+        self.compensation_callback = self._setup_compensation()
         if "wandb" in (args.report_to or []):
             from .wandb_logging import WandbPruningCallback  # wandb is optional: import only when reporting to it
 
             self.add_callback(WandbPruningCallback(self))
+
+    def _setup_compensation(self) -> CompensationCallback | None:
+        """Checks and setup of ``compensation`` (after ``_params_before``: an added bias is not a base
+        parameter of the model the user passed in)."""
+        args = self.args
+        if args.compensation == "none":
+            return None
+        from .criteria.common import base_linear
+
+        groups = [g for g in self.structure.groups() if self.final_prune_counts[g.name] > 0]
+        quantized = sorted({type(base_linear(consumer(self.structure, g)).weight).__name__ for g in groups}
+                           & {"Int8Params", "Params4bit"})
+        if quantized:
+            raise ValueError(
+                f"`compensation={args.compensation!r}` writes refitted values into the base weights, which are "
+                f"{quantized[0]} here: re-quantizing a refitted matrix adds an error as large as the refit itself. "
+                "Load the base model in float32/bfloat16, or use `compensation=\"none\"`."
+            )
+        if args.compensation == "bias":
+            check_bias_supported(_unwrap(self.model).config, self.structure, sorted({g.kind for g in groups}))
+            for g in groups:
+                ensure_bias(consumer(self.structure, g))
+        callback = CompensationCallback(self)
+        self.add_callback(callback)
+        return callback
 
     def create_optimizer(self, model=None):
         # Criteria that need the base weights' gradients (`vanilla`) make them requires_grad; the
@@ -188,6 +216,8 @@ class LoRAPruneTrainer(SFTTrainer):
         return _check_schedule(self.args, total_steps)
 
     def apply_schedule(self, progress: float) -> dict[str, list[int]]:
+        """Grow the masks to ``progress`` of the target; returns ``{group name: newly pruned units}``.
+        The compensation refit (if any) runs after this, in the callback, once masks are synchronised."""
         changed = update_masks(self.pruning_state, self.final_prune_counts, progress)
         if changed:
             logger.info("LoRAPrune: pruned %d units in %d groups (progress %.3f)",
@@ -293,6 +323,8 @@ class LoRAPruneTrainer(SFTTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs only, so eval logs keep their own keys
             logs = {**logs, **self.pruning_metrics(), **score_statistics(self.pruning_state)}
+            if self.compensation_callback is not None:
+                logs.update(self.compensation_callback.metrics())
         if "eval_loss" in logs:  # mean token NLL -> perplexity (inf rather than an overflow error)
             logs = {**logs, "eval_perplexity": math.exp(min(logs["eval_loss"], 700.0))}
         super().log(logs, start_time)
@@ -304,6 +336,8 @@ class LoRAPruneTrainer(SFTTrainer):
         folder = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if folder is not None:
             self._resume_meta = load_pruning_checkpoint(folder, self.pruning_state, self.args.pruning_settings())
+            if self.compensation_callback is not None:  # refitted base tensors are not in PEFT's checkpoint
+                self.compensation_callback.load_state_dict(*load_compensation_checkpoint(folder))
             logger.info("LoRAPrune: restored masks and scores from %s (%d score updates)", folder,
                         self.pruning_state.num_score_updates)
         return super().train(folder if folder is not None else resume_from_checkpoint, *pos, **kwargs)
@@ -315,7 +349,15 @@ class LoRAPruneTrainer(SFTTrainer):
 
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_pruning_checkpoint(folder, self.pruning_state, self.args.pruning_settings(), self.state.max_steps)
+            if self.compensation_callback is not None:
+                save_compensation_checkpoint(folder, *self.compensation_callback.state_dict())
         super()._save_checkpoint(model, trial)
+
+    def _compensation_summary(self) -> dict:
+        """For the export report: every refit (group, units, ridge lambda, output error before/after)."""
+        if self.compensation_callback is None:
+            return {}
+        return {"compensation_history": self.compensation_callback.history}
 
     # -- export ------------------------------------------------------------------------------------
     def save_pruned_model(self, output_dir: str, dtype: torch.dtype | str | None = None, verify: bool = True) -> dict:
@@ -328,7 +370,8 @@ class LoRAPruneTrainer(SFTTrainer):
         if self.args.should_save:
             report = save_pruned_model(
                 self.model, self.pruning_state, output_dir, tokenizer=self.processing_class, dtype=dtype,
-                settings={**self.args.pruning_settings(), **self.target_summary()}, verify=verify,
+                settings={**self.args.pruning_settings(), **self.target_summary(), **self._compensation_summary()},
+                verify=verify,
             )
             if "wandb" in (self.args.report_to or []):
                 from .wandb_logging import log_report_artifact
@@ -343,7 +386,10 @@ class LoRAPruneTrainer(SFTTrainer):
         from .export import save_adapter_and_masks
 
         if self.args.should_save:
-            save_adapter_and_masks(self.model, self.pruning_state, output_dir, self.args.pruning_settings())
+            consumers = self.compensation_callback.state_dict()[0] if self.compensation_callback else {}
+            save_adapter_and_masks(self.model, self.pruning_state, output_dir, self.args.pruning_settings(),
+                                   consumers={k[len("consumer."):]: v for k, v in consumers.items()
+                                              if k.startswith("consumer.")})
         self.accelerator.wait_for_everyone()
 
 

@@ -47,12 +47,19 @@ def dump(trainer, folder: str) -> None:
     state = trainer.pruning_state
     tensors = {f"keep.{n}": k.to(torch.uint8) for n, k in state.keep.items()}
     tensors.update({f"scores.{n}": s.clone() for n, s in state.scores.items()})
+    compensation = getattr(trainer, "compensation_callback", None)
+    if compensation is not None:  # the refitted base weights, which every rank must share
+        from loraprune_trainer.compensation import consumer_name, consumer_tensors
+
+        names = [consumer_name(g) for g in trainer.structure.groups()]
+        tensors.update({f"consumer.{k}": v for k, v in consumer_tensors(trainer.structure, names).items()})
     save_file(tensors, os.path.join(folder, f"rank{rank}.safetensors"))
     losses = {int(h["step"]): h["loss"] for h in trainer.state.log_history if "loss" in h}
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
         json.dump({"world_size": trainer.args.world_size, "losses": losses,
                    "rank_mismatches": trainer.pruning_callback.rank_mismatches,
-                   "num_score_updates": state.num_score_updates}, f)
+                   "num_score_updates": state.num_score_updates,
+                   "compensation_history": compensation.history if compensation is not None else []}, f)
 
 
 def main() -> None:
@@ -65,9 +72,12 @@ def main() -> None:
     p.add_argument("--prune_freq", type=int, default=2)
     p.add_argument("--criterion", default="lora")
     p.add_argument("--distill_alpha", type=float, default=0.0)
+    p.add_argument("--compensation", default="none")
+    p.add_argument("--compensation_batches", type=int, default=8)
     a = p.parse_args()
     trainer = make_trainer(a.output_dir, a.max_steps, a.per_device_batch, a.grad_accum, a.prune_freq,
-                           pruning_criterion=a.criterion, distill_alpha=a.distill_alpha)
+                           pruning_criterion=a.criterion, distill_alpha=a.distill_alpha, compensation=a.compensation,
+                           compensation_batches=a.compensation_batches)
     trainer.train()
     dump(trainer, a.dump)
 
