@@ -28,6 +28,24 @@ take over the part of the removed columns' contribution that the kept inputs pre
 the removed contribution's mean, added as a bias. Both deltas go into the frozen *base* weight
 (bias) under ``no_grad``; LoRA keeps training on top, and the masked model still equals the
 physically pruned one because the export merges the (refitted) base weight exactly as before.
+
+Cost (``d`` hidden size, ``d_ff`` MLP size, ``d_a = n_q * head_dim``, ``L`` layers, ``N =
+compensation_batches``), ``lstsq``:
+
+* memory, only during a window (the ``N`` micro-batches before an update, for the consumers that
+  update shrinks): float32 ``[d_ff, d_ff] + [d_a, d_a]`` per layer, i.e. ``4 L (d_ff^2 + d_a^2)``
+  bytes: 0.32 GB for SmolLM2-135M, 28 GB for Llama-3-8B (``d_ff`` = 14336: 822 MB per layer),
+  which is where it stops being affordable next to the model on one GPU;
+* time per token in a window: ``2 (d_ff^2 + d_a^2)`` flops per layer for ``x^T x``, against the
+  layer's own forward of about ``2 (3 d d_ff + 2 d d_a + 2 d d_kv)``: comparable for Llama shapes
+  (SmolLM2-135M: 5.4 vs 7.1 Mflop, so about +25% on a window micro-batch's forward + backward);
+  outside windows nothing but a counter per micro-batch;
+* per update and layer: a Cholesky solve of ``|K|^3 / 3`` plus ``O(|K|^2 d + |K| |P| d)`` flops, in
+  float32 on the consumer's device.
+
+``bias`` needs only ``sum x`` (``[in]`` per consumer) and ``O(in)`` per token. A checkpoint holds the
+refitted consumers' base tensors (``d (d_a + d_ff)`` per layer, in the base dtype) and, if it falls
+inside a window, that window's sums.
 """
 
 from __future__ import annotations

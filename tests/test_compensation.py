@@ -136,6 +136,32 @@ def test_bias_restores_output_mean():
     assert shift.abs().max() > 1e-3
 
 
+def test_accumulator_sums_real_tokens_of_model_calls():
+    """The hooks see the consumer's actual input; padding tokens and calls outside a model forward
+    (as gradient checkpointing's recomputation is) are left out."""
+    model = _lora_model("llama-gqa")
+    structure = discover_structure(model)
+    group = structure.mlp[0]
+    module = consumer(structure, group)
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    acc = MomentAccumulator(model, second_moments=True)
+    acc.watch({consumer_name(group): module})
+    ids = torch.randint(4, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0  # right padding
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        module(torch.randn(3, group.num_units))  # outside a model call: not counted
+    handle.remove()
+    x = seen[0][mask.bool()]  # [12, in]
+    m = acc.moments[consumer_name(group)]
+    assert float(m.tokens) == 12
+    torch.testing.assert_close(m.total, x.sum(dim=0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.outer, x.T @ x, rtol=1e-5, atol=1e-5)
+    acc.remove()
+
+
 # -- in the trainer --------------------------------------------------------------------------------------
 
 def _logits(model, ids):
@@ -207,10 +233,11 @@ def test_statistics_come_only_from_the_window_before_each_update(tmp_path, disti
     assert tokens[3] == 6 * 100 and all(t == 4 * 100 for s, t in tokens.items() if s > 3)
 
 
-def test_resumed_run_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("method", ["lstsq", "bias"])
+def test_resumed_run_matches_uninterrupted(tmp_path, method):
     """Checkpoint at step 4, inside the window of the step-5 update (3 micro-batches of 2 per step):
-    the refitted base weights and the open window's sums travel with it."""
-    kw = dict(max_steps=12, compensation="lstsq", compensation_batches=3)
+    the refitted base weights (biases) and the open window's sums travel with it."""
+    kw = dict(max_steps=12, compensation=method, compensation_batches=3)
     straight = make_trainer(str(tmp_path / "straight"), **kw)
     straight.train()
     saving = make_trainer(str(tmp_path / "saving"), save_steps=4, **kw)
@@ -222,6 +249,7 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "saving" / "checkpoint-4"))
     names = [consumer_name(g) for g in straight.structure.groups()]
     expected, got = consumer_tensors(straight.structure, names), consumer_tensors(resumed.structure, names)
+    assert any(k.endswith(".bias") for k in expected) == (method == "bias")
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7)
     for name, keep in straight.pruning_state.keep.items():
