@@ -21,8 +21,9 @@ from transformers import AutoModelForCausalLM
 from trl import ModelConfig, TrlParser
 
 from loraprune_trainer import LoRAPruneConfig, LoRAPruneTrainer
-from loraprune_trainer.data import load_training_dataset
+from loraprune_trainer.data import load_training_dataset, portable_path, resolve_data_path
 from loraprune_trainer.evaluation import load_text, perplexity
+from loraprune_trainer.evaluation.records import sha256_file
 from loraprune_trainer.loading import load_model_and_tokenizer
 
 
@@ -31,13 +32,15 @@ class ScriptArguments:
     """Data and evaluation settings of train.py."""
 
     dataset_name: str = field(default=None, metadata={"help": "Hub dataset name, or a local file/folder "
-                                                              "(.txt, .json, .jsonl, .parquet, .csv)."})
+                                                              "(.txt, .json, .jsonl, .parquet, .csv): a path, or "
+                                                              "a path inside $LORAPRUNE_DATA_DIR or data/."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N examples."})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file name inside model_name_or_path."})
     eval_text: str | None = field(default=None, metadata={"help": "Perplexity text before/after pruning: "
-                                                                  "'wikitext2', 'ptb', or a local file/folder."})
+                                                                  "'wikitext2', 'ptb' (Hub), or a local file/folder "
+                                                                  "(found like dataset_name)."})
     eval_protocol: str = field(default="llm-pruner", metadata={"help": "Perplexity protocol.",
                                                                "choices": ["llm-pruner", "full-context"]})
     eval_max_windows: int | None = field(default=None, metadata={"help": "Score only the first N windows."})
@@ -92,6 +95,9 @@ def main(script_args: ScriptArguments, training_args: LoRAPruneConfig, model_arg
         task_type="CAUSAL_LM",
     )
     summary = {"model": model_args.model_name_or_path, "dataset": script_args.dataset_name}
+    dataset_file = resolve_data_path(_expand(script_args.dataset_name))
+    if dataset_file and os.path.isfile(dataset_file):  # a local file: where it was found, and its exact bytes
+        summary["dataset_file"] = {"path": portable_path(dataset_file), "sha256": sha256_file(dataset_file)}
     accelerator_main = int(os.environ.get("RANK", "0")) == 0
 
     if eval_text and accelerator_main:
@@ -104,6 +110,10 @@ def main(script_args: ScriptArguments, training_args: LoRAPruneConfig, model_arg
                                peft_config=peft_config)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     summary["train_loss"] = train_result.training_loss
+    # Training alone (model loading, evaluation and export excluded): what the step rate is on this machine.
+    summary["train_runtime_s"] = train_result.metrics.get("train_runtime")
+    summary["train_s_per_step"] = (summary["train_runtime_s"] / trainer.state.global_step
+                                   if summary["train_runtime_s"] and trainer.state.global_step else None)
     summary["settings"] = {"max_steps": trainer.state.max_steps, "max_length": training_args.max_length,
                            "per_device_train_batch_size": training_args.per_device_train_batch_size,
                            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
@@ -118,8 +128,8 @@ def main(script_args: ScriptArguments, training_args: LoRAPruneConfig, model_arg
         return summary
 
     pruned = AutoModelForCausalLM.from_pretrained(pruned_dir)  # stock loading, as a user would
-    summary["pruned_dir"] = pruned_dir
     summary["parameters"] = report["parameters"]
+    summary["pruned_dir"] = portable_path(pruned_dir)
     summary["forward_ms_after"] = forward_latency_ms(pruned)
     if eval_text:
         summary["perplexity_after"] = perplexity(pruned, tokenizer, eval_text[0], script_args.eval_protocol,

@@ -28,6 +28,12 @@ def data_dir() -> str:
 
 
 def data_file(relative: str) -> str:
+    """``relative`` inside the data folder (:func:`data_dir`); files the repository ships (``data/``) are found
+    there too when no data folder is set."""
+    root = os.environ.get("LORAPRUNE_DATA_DIR", os.path.join(REPO_ROOT, "..", "shared", "data"))
+    shipped = os.path.join(REPO_ROOT, "data", relative)
+    if not os.path.isdir(root) and os.path.isfile(shipped):
+        return shipped
     return os.path.join(data_dir(), relative)
 
 

@@ -3,7 +3,6 @@ C4 text while distilling from the unpruned model, export, reload with stock tran
 the logits. Minutes on a CPU."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -11,17 +10,16 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from loraprune_trainer import LoRAPruneConfig, LoRAPruneTrainer
-from loraprune_trainer.data import load_training_dataset
+from loraprune_trainer.data import load_training_dataset, resolve_data_path
 from loraprune_trainer.loading import load_model_and_tokenizer
-
-DATA_DIR = os.environ.get("LORAPRUNE_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
 @pytest.mark.slow
 def test_smollm2_prunes_exports_and_reloads(tmp_path):
     model, tokenizer = load_model_and_tokenizer("smollm2-gguf")
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (9, 3)
-    dataset = load_training_dataset(os.path.join(DATA_DIR, "c4", "c4_demo.jsonl"), max_samples=16)
+    # $LORAPRUNE_DATA_DIR/c4/c4_demo.jsonl, else the copy the repository ships in data/.
+    dataset = load_training_dataset(resolve_data_path("c4/c4_demo.jsonl"), max_samples=16)
     args = LoRAPruneConfig(
         output_dir=str(tmp_path / "run"), pruning_ratio=0.5, attention_pruning_ratio=0.34, prune_freq=1,
         pruning_warmup_ratio=0.25, pruning_cooldown_ratio=0.25, max_steps=4, per_device_train_batch_size=2,
