@@ -4,7 +4,7 @@
         --datasets wikitext2=wiki.test.raw ptb=ptb.valid.txt --protocol llm-pruner --out results.json
 
     python -m loraprune_trainer.eval --model PRUNED_FOLDER \\
-        --tasks boolq,piqa,winogrande,arc_easy,arc_challenge,openbookqa --zeroshot_dir /path/to/zeroshot
+        --tasks boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa --zeroshot_dir /path/to/zeroshot
 
 The implementation is :mod:`loraprune_trainer.evaluation.cli` (``--help`` lists every flag); this module
 keeps ``python -m loraprune_trainer.eval`` and its imports working.

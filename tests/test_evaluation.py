@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from loraprune_trainer.data import portable_path
 from loraprune_trainer.evaluation import PROTOCOLS, load_text, perplexity, write_result
 from tiny import VOCAB, tiny_model, tiny_text_dataset, tiny_tokenizer
 
@@ -164,7 +165,8 @@ def test_load_text_raw_file_as_is(tmp_path):
     text, meta = load_text(str(path))
     assert text == raw
     assert meta["sha256"] == hashlib.sha256(raw.encode()).hexdigest()
-    assert meta["path"] == str(path) and meta["num_chars"] == len(raw)
+    assert meta["path"] == portable_path(str(path)) and meta["num_chars"] == len(raw)
+    assert not os.path.isabs(meta["path"])  # recorded without the machine's absolute path
     # A folder resolves to its evaluation file, also one level down.
     assert load_text(str(tmp_path))[0] == raw
 
@@ -316,7 +318,7 @@ def test_cli_writes_results_with_protocol(tmp_path, capsys):
         r = result["perplexity"][name]
         assert r["protocol"]["name"] == "llm-pruner" and r["protocol"]["max_windows"] == 2
         assert r["num_windows"] == 2 and r["num_tokens_scored"] == 2 * 127
-        assert r["protocol"]["dataset"]["path"] == str(source)
+        assert r["protocol"]["dataset"]["path"] == portable_path(str(source))
         text, _ = load_text(str(source))
         expected = perplexity(model, tok, text, max_windows=2, show_progress=False)["perplexity"]
         assert r["perplexity"] == pytest.approx(expected, rel=1e-5)

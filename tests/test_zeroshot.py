@@ -16,6 +16,7 @@ import shutil
 
 import pytest
 
+from loraprune_trainer.data import portable_path
 from loraprune_trainer.evaluation import ZEROSHOT_DIR_ENV, ZEROSHOT_TASKS, local_task_config, local_task_configs
 from loraprune_trainer.evaluation import zeroshot as zs
 from tiny import tiny_model, tiny_tokenizer
@@ -27,6 +28,7 @@ FIXTURE = os.path.join(HERE, "data", "zeroshot")
 DOCS_FILE = {
     "boolq": "boolq/val.jsonl",
     "piqa": "piqa/valid.jsonl",
+    "hellaswag": "hellaswag/val.jsonl",
     "winogrande": "winogrande/dev.jsonl",
     "arc_easy": "arc_easy/ARC-Easy-Test.jsonl",
     "arc_challenge": "arc_challenge/ARC-Challenge-Test.jsonl",
@@ -36,6 +38,7 @@ DOCS_FILE = {
 OFFICIAL_YAML = {
     "boolq": "super_glue/boolq/default.yaml",
     "piqa": "piqa/piqa.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
     "winogrande": "winogrande/default.yaml",
     "arc_easy": "arc/arc_easy.yaml",
     "arc_challenge": "arc/arc_challenge.yaml",
@@ -49,6 +52,12 @@ HUB_DOCS = {
                   "passage": "The Punisher (season 2) -- The season is set for release in 2019.",
                   "idx": 2644, "label": 1}),
     "piqa": (3, {"goal": "laser", "sol1": "burns face ", "sol2": "burns air ", "label": 0}),
+    # The local file joins the Hub's ctx_a ("A man is sitting on a roof.") and ctx_b ("he"); the equivalent Hub
+    # row keeps the whole context in ctx_a, so the official ctx_a + " " + ctx_b.capitalize() leaves it as it is.
+    "hellaswag": (0, {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof. he", "ctx_b": "",
+                      "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                                  "is holding a rubik's cube.", "starts pulling up roofing on a roof."],
+                      "label": "3"}),
     "winogrande": (0, {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
                        "option1": "Sarah", "option2": "Maria", "answer": "2"}),
     "arc_easy": (1, {"id": "NYSEDREGENTS_2015_8_28", "question": "All living and nonliving material is composed of",
@@ -90,6 +99,9 @@ def _hub_rows(task: str, folder: str = FIXTURE) -> list[dict]:
         return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": y} for r, y in zip(rows, labels)]
     if task == "winogrande":
         return [{k: r[k] for k in ("sentence", "option1", "option2", "answer")} for r in rows]
+    if task == "hellaswag":  # the Hub holds the label as a string and the context in two parts
+        return [{"activity_label": r["activity_label"], "ctx_a": r["ctx"], "ctx_b": "", "endings": r["endings"],
+                 "label": str(r["label"])} for r in rows]
     out = []
     for r in rows:
         choices = {"text": [c["text"] for c in r["question"]["choices"]],
@@ -194,13 +206,22 @@ def test_known_items_exact_requests():
     assert _requests(arc)[1] == [("Question: All living and nonliving material is composed of\nAnswer:", f" {c}")
                                  for c in ("air", "elements", "water", "soil")]
     assert arc.doc_to_target(arc.eval_docs[1]) == 1  # answerKey "2" is the second choice
+    hella = _our_task("hellaswag")
+    assert _requests(hella)[0] == [("Roof shingle removal: A man is sitting on a roof. he", f" {e}") for e in
+                                   ("is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                                    "is holding a rubik's cube.", "starts pulling up roofing on a roof.")]
+    assert hella.doc_to_target(hella.eval_docs[0]) == 3 and hella.doc_to_target(hella.eval_docs[1]) == 0
+    # The official cleaning applies: WikiHow's leftover [link] markers go, one double space is collapsed.
+    query, choices, _ = _rendered(hella)[2]
+    assert "[" not in query and "Visit a site like to find" in query
+    assert "before going to bed. Do not be" in _rendered(hella)[3][1][1]
     boolq = _our_task("boolq")
     assert _requests(boolq)[3] == [("The Punisher (season 2) -- The season is set for release in 2019.\nQuestion: are "
                                     "they going to make a punisher season 2?\nAnswer:", f" {a}") for a in ("no", "yes")]
 
 
 # -- scoring, limit, recording ------------------------------------------------------------------------------
-def test_all_six_tasks_score_a_tiny_model():
+def test_every_suite_task_scores_a_tiny_model():
     pytest.importorskip("lm_eval", reason="lm-eval is an optional dependency (the `eval` / `test` extras)")
     from loraprune_trainer.evaluation import zero_shot
 
@@ -217,14 +238,15 @@ def test_all_six_tasks_score_a_tiny_model():
                                                                                           official_metrics)
         assert p["lm_eval"] and p["task_version"] == entry["version"]
         data = p["data"]
-        assert data["source"] == "local files" and data["folder"] == FIXTURE and data["num_rows"] == 4
+        assert data["source"] == "local files" and data["folder"] == portable_path(FIXTURE) and data["num_rows"] == 4
         expected_files = [DOCS_FILE[task]] + (["piqa/valid-labels.lst"] if task == "piqa" else [])
         assert list(data["files"]) == expected_files
         for rel, f in data["files"].items():
-            assert f["path"] == os.path.join(FIXTURE, rel)
+            assert f["path"] == portable_path(os.path.join(FIXTURE, rel))  # no machine path recorded
+            f["path"] = os.path.join(FIXTURE, rel)
             assert f["sha256"] == hashlib.sha256(open(f["path"], "rb").read()).hexdigest()
     top = result["protocol"]
-    assert top["zeroshot_dir"] == FIXTURE and top["zeroshot_dir_source"] == "argument"
+    assert top["zeroshot_dir"] == portable_path(FIXTURE) and top["zeroshot_dir_source"] == "argument"
     assert top["local_tasks"] == list(ZEROSHOT_TASKS) and top["num_fewshot"] == 0
 
 
@@ -275,11 +297,12 @@ def test_cli_flag_and_env_var(tmp_path, monkeypatch, capsys):
     assert flag["protocol"]["zeroshot_dir_source"] == "argument"
     assert env["protocol"]["zeroshot_dir_source"] == f"env {ZEROSHOT_DIR_ENV}"
     for result in (flag, env):
-        assert result["protocol"]["limit"] == 3 and result["protocol"]["zeroshot_dir"] == FIXTURE
+        assert result["protocol"]["limit"] == 3 and result["protocol"]["zeroshot_dir"] == portable_path(FIXTURE)
         for task in ("piqa", "arc_easy"):
             entry = result["tasks"][task]
             assert entry["num_samples"] == 3 and entry["protocol"]["limit"] == 3
-            assert entry["protocol"]["data"]["files"][DOCS_FILE[task]]["path"] == os.path.join(FIXTURE, DOCS_FILE[task])
+            assert entry["protocol"]["data"]["files"][DOCS_FILE[task]]["path"] == portable_path(
+                os.path.join(FIXTURE, DOCS_FILE[task]))
     assert flag["tasks"] == env["tasks"]
 
     # The flag wins over the environment variable.
@@ -300,16 +323,16 @@ def test_without_folder_task_names_go_to_lm_eval_unchanged(monkeypatch):
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
     monkeypatch.setattr(zs, "_task_manager", lambda TaskManager, tasks, include_path: None)  # no 8 s task index
     model, tok = tiny_model(), tiny_tokenizer()
-    zs.zero_shot(model, tok, "piqa,arc_easy,hellaswag")
-    assert seen["tasks"] == ["piqa", "arc_easy", "hellaswag"]  # the stock (Hub) tasks, as before
+    zs.zero_shot(model, tok, "piqa,arc_easy,lambada_openai")
+    assert seen["tasks"] == ["piqa", "arc_easy", "lambada_openai"]  # the stock (Hub) tasks, as before
     monkeypatch.setenv(ZEROSHOT_DIR_ENV, FIXTURE)
-    out = zs.zero_shot(model, tok, "piqa,arc_easy,hellaswag")
+    out = zs.zero_shot(model, tok, "piqa,arc_easy,lambada_openai")
     # With a folder the suite's tasks become inline configs reading it; other names still go through.
-    assert [t if isinstance(t, str) else t["task"] for t in seen["tasks"]] == ["piqa", "arc_easy", "hellaswag"]
-    assert isinstance(seen["tasks"][0], dict) and seen["tasks"][2] == "hellaswag"
+    assert [t if isinstance(t, str) else t["task"] for t in seen["tasks"]] == ["piqa", "arc_easy", "lambada_openai"]
+    assert isinstance(seen["tasks"][0], dict) and seen["tasks"][2] == "lambada_openai"
     assert seen["tasks"][0]["dataset_kwargs"]["data_files"] == {"validation": os.path.join(FIXTURE, DOCS_FILE["piqa"])}
     assert out["protocol"]["local_tasks"] == ["piqa", "arc_easy"]
-    assert out["tasks"]["hellaswag"]["protocol"]["data"]["source"] == "lm-eval task"
+    assert out["tasks"]["lambada_openai"]["protocol"]["data"]["source"] == "lm-eval task"
 
 
 def test_env_var_empty_means_unset(monkeypatch):
@@ -354,6 +377,8 @@ def test_missing_task_file_names_path_and_format(tmp_path):
     ("winogrande", lambda rows: rows[0].update(answer=""), "winogrande row 0: answer ''"),
     ("arc_easy", lambda rows: rows[2].update(answerKey="Z"), "arc row 2: answerKey 'Z' is not one of"),
     ("openbookqa", lambda rows: rows[0].pop("question"), "openbookqa row 0: expected the upstream form"),
+    ("hellaswag", lambda rows: rows[1].update(label=4), "hellaswag row 1: label 4 is not an index 0-3"),
+    ("hellaswag", lambda rows: rows[0].update(endings=["only one"]), "hellaswag row 0: expected `endings`"),
     ("piqa", lambda rows: rows.pop(), "3 rows.*matching pair"),
     ("piqa", lambda rows: rows[0].pop("sol2"), "lacks a field"),
 ])
@@ -366,6 +391,25 @@ def test_malformed_files_are_named(tmp_path, task, edit, match):
     with pytest.raises(ValueError, match=match) as err:
         local_task_config(task, str(folder))
     assert DOCS_FILE[task] in str(err.value)
+
+
+def test_paper_mean_is_over_the_papers_six_tasks_with_their_metrics():
+    from loraprune_trainer.evaluation import PAPER_TASKS, paper_mean
+
+    assert PAPER_TASKS == ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+    tasks = {t: {"acc": 0.1 * (i + 1), "acc_stderr": 0.01, "acc_norm": 0.05 * (i + 1), "acc_norm_stderr": 0.02}
+             for i, t in enumerate(ZEROSHOT_TASKS)}
+    tasks["winogrande"].pop("acc_norm")  # WinoGrande has acc only
+    table = paper_mean(tasks)
+    # acc for PIQA, WinoGrande, ARC-e; acc_norm for HellaSwag, ARC-c, OBQA; BoolQ (0.1) never enters.
+    expected = [tasks["piqa"]["acc"], tasks["hellaswag"]["acc_norm"], tasks["winogrande"]["acc"],
+                tasks["arc_easy"]["acc"], tasks["arc_challenge"]["acc_norm"], tasks["openbookqa"]["acc_norm"]]
+    assert table["mean"] == pytest.approx(sum(expected) / 6)
+    assert table["stderr"] == pytest.approx((3 * 0.01 ** 2 + 3 * 0.02 ** 2) ** 0.5 / 6)
+    assert table["metrics"]["hellaswag"] == "acc_norm" and table["metrics"]["piqa"] == "acc"
+    # A table without one of the six has no headline mean.
+    partial = paper_mean({t: v for t, v in tasks.items() if t != "hellaswag"})
+    assert partial["mean"] is None and partial["missing"] == ["hellaswag"]
 
 
 def test_few_shot_with_local_files_is_refused():
@@ -386,7 +430,7 @@ def test_task_yamls_are_package_data():
 
 
 # -- the full splits, when a data folder is available -------------------------------------------------------------
-FULL_SPLITS = {"boolq": 3270, "piqa": 1838, "winogrande": 1267, "arc_easy": 2376, "arc_challenge": 1172,
+FULL_SPLITS = {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376, "arc_challenge": 1172,
                "openbookqa": 500}
 
 

@@ -4,7 +4,7 @@
         --datasets wikitext2=wiki.test.raw ptb=ptb.valid.txt --protocol llm-pruner --out results.json
 
     python -m loraprune_trainer.eval --model PRUNED_FOLDER \\
-        --tasks boolq,piqa,winogrande,arc_easy,arc_challenge,openbookqa --zeroshot_dir /path/to/zeroshot
+        --tasks boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa --zeroshot_dir /path/to/zeroshot
 
 ``--model`` is a folder (e.g. written by ``save_pruned_model``), a Hub id, a ``.gguf`` file, or
 ``smollm2-gguf`` (the embedded SmolLM2-135M-Instruct). Every dataset and zero-shot file is checked before
@@ -23,6 +23,7 @@ from transformers import HfArgumentParser
 
 from .ppl import PROTOCOLS
 from .run import evaluate_folder
+from .zeroshot import paper_mean
 
 
 @dataclass
@@ -69,8 +70,8 @@ class EvalArguments:
     device: str | None = field(default=None, metadata={"help": "Device (default: cuda if available, else cpu)."})
     tasks: str | None = field(default=None, metadata={"help": "Comma-separated lm-eval tasks."})
     zeroshot_dir: str | None = field(default=None, metadata={
-        "help": "Folder of the zero-shot suite's local files (boolq/, piqa/, winogrande/, arc_easy/, arc_challenge/, "
-                "openbookqa/); default: $LORAPRUNE_ZEROSHOT_DIR. Without either, tasks come from the Hub."})
+        "help": "Folder of the zero-shot suite's local files (boolq/, piqa/, hellaswag/, winogrande/, arc_easy/, "
+                "arc_challenge/, openbookqa/); default: $LORAPRUNE_ZEROSHOT_DIR. Without either, tasks come from the Hub."})
     task_dir: str | None = field(default=None, metadata={"help": "Folder of extra lm-eval task YAML files."})
     num_fewshot: int = field(default=0, metadata={"help": "Few-shot examples for lm-eval tasks."})
     limit: float | None = field(default=None, metadata={"help": "Score only the first N items of each task."})
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
         for task, r in result["zero_shot"]["tasks"].items():
             summary.update({f"{task}/{m}": r[m] for m in ("acc", "acc_norm") if m in r})
             summary[f"{task}/num_items"] = r.get("num_samples")
+        table = paper_mean(result["zero_shot"]["tasks"])
+        if table["mean"] is not None:  # the headline of the paper's table: its six tasks, BoolQ outside
+            summary["paper_mean"] = table["mean"]
+            summary["paper_mean_metrics"] = table["metrics"]
     json.dump({"protocol": args.protocol, **summary}, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return result

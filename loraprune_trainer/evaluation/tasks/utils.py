@@ -8,6 +8,8 @@ the task, the row and what was expected, rather than scoring a wrong label silen
 
 from __future__ import annotations
 
+import re
+
 from datasets import Dataset
 
 
@@ -132,4 +134,43 @@ def process_openbookqa(dataset) -> Dataset:
     for i, doc in enumerate(_rows(dataset)):
         stem, choices, answer = _flatten_question("openbookqa", i, doc)
         out.append({"id": doc.get("id"), "question_stem": stem, "choices": choices, "answerKey": answer})
+    return Dataset.from_list(out)
+
+
+def _hellaswag_preprocess(text: str) -> str:
+    """lm-eval's HellaSwag text cleaning (hellaswag/utils.py ``preprocess``): WikiHow's ``[title]`` becomes a
+    sentence break, other bracketed markers are dropped, and one double space is collapsed."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def process_hellaswag(dataset) -> Dataset:
+    """HellaSwag rows with a joined ``ctx`` (activity_label, ctx, endings[4], label 0-3) -> the rows lm-eval's
+    official ``process_docs`` produces (``query``, ``choices``, ``gold``, and the Hub's string ``label``).
+
+    lm-eval builds the context as ``ctx_a + " " + ctx_b.capitalize()``; with ``ctx`` already joined this is the
+    same as ``ctx_a = ctx, ctx_b = ""`` (the trailing space is stripped), i.e. the fragment after the last
+    sentence keeps its original case.
+    """
+    out = []
+    for i, doc in enumerate(_rows(dataset)):
+        endings, label = doc.get("endings"), doc.get("label")
+        if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+            raise ValueError(f"hellaswag row {i}: expected `endings` to be a list of 4 strings, got {endings!r}.")
+        if isinstance(label, str) and label.strip().isdigit():
+            label = int(label)
+        if isinstance(label, bool) or label not in (0, 1, 2, 3):
+            raise ValueError(f"hellaswag row {i}: label {doc.get('label')!r} is not an index 0-3 into `endings` (an "
+                             "unlabelled test file? use the validation split).")
+        if not isinstance(doc.get("ctx"), str) or not isinstance(doc.get("activity_label"), str):
+            raise ValueError(f"hellaswag row {i}: expected string fields `activity_label` and `ctx`, got fields "
+                             f"{sorted(doc)}.")
+        # ctx_a / ctx_b as the equivalent Hub row holds them: the whole context in ctx_a.
+        out.append({"activity_label": doc["activity_label"], "ctx": doc["ctx"], "ctx_a": doc["ctx"], "ctx_b": "",
+                    "endings": endings,
+                    "label": str(label),
+                    "query": _hellaswag_preprocess(doc["activity_label"] + ": " + doc["ctx"] + " "),
+                    "choices": [_hellaswag_preprocess(e) for e in endings], "gold": label})
     return Dataset.from_list(out)
