@@ -67,7 +67,7 @@ DEFAULT_EVAL_SETS = ["wikitext2", "ptb"]  # c4 is opt-in: the series started bef
 PROTOCOLS = ["llm-pruner", "full-context"]
 # The offline commonsense suite (loraprune_trainer.evaluation.ZEROSHOT_TASKS), spelled out so that --help
 # does not import torch; test_bench_quality checks that the two lists agree.
-ZEROSHOT_TASKS = ("boolq", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+ZEROSHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 ZEROSHOT_DIR_ENV = "LORAPRUNE_ZEROSHOT_DIR"
 C4_PROTOCOL_NOTE = ("C4 validation perplexity over the first `num_docs` documents of the file, their \"text\" "
                     "joined with \\n\\n and tokenized once, then cut into the protocol's non-overlapping "
@@ -258,7 +258,20 @@ def evaluate_zeroshot(model, tok, args, folder) -> dict:
     # tokenizer trains the later runs of the grid.
     result = zero_shot(model, copy.deepcopy(tok), list(args.zeroshot_tasks), batch_size=args.eval_batch, limit=limit,
                        seed=args.seed, zeroshot_dir=folder)
-    tasks = result["tasks"]
+    record = summarize_zeroshot(result["tasks"], limit, result["protocol"])
+    record["eval_s"] = time.perf_counter() - t0
+    logger.info("  zero-shot (limit %s): paper mean %s; %s", limit, record["paper_mean"],
+                ", ".join(f"{n}={t.get('acc', float('nan')):.3f}" for n, t in record["tasks"].items()))
+    return record
+
+
+def summarize_zeroshot(tasks: dict, limit: int | None, protocol: dict) -> dict:
+    """A zero-shot record from per-task results: ``paper_mean`` (the headline of the paper's table: PIQA,
+    HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA under their paper metrics, BoolQ outside; None unless all six
+    were scored) with ``paper_mean_stderr``, and the plain means ``mean_acc`` (``acc`` over every task scored),
+    ``mean_acc_norm`` (over ``mean_acc_norm_tasks``) and ``mean_acc_norm_or_acc``."""
+    from loraprune_trainer.evaluation import paper_mean
+
     accs = [t["acc"] for t in tasks.values() if t.get("acc") is not None]
     norm_tasks = [n for n, t in tasks.items() if t.get("acc_norm") is not None]
     mixed = [t["acc_norm"] if t.get("acc_norm") is not None else t.get("acc") for t in tasks.values()]
@@ -267,12 +280,28 @@ def evaluate_zeroshot(model, tok, args, folder) -> dict:
     def mean(values):
         return sum(values) / len(values) if values else None
 
-    record = {"tasks": tasks, "mean_acc": mean(accs), "mean_acc_norm": mean([tasks[n]["acc_norm"] for n in norm_tasks]),
-              "mean_acc_norm_tasks": norm_tasks, "mean_acc_norm_or_acc": mean(mixed), "limit": limit,
-              "num_tasks": len(tasks), "protocol": result["protocol"], "eval_s": time.perf_counter() - t0}
-    logger.info("  zero-shot (limit %s): mean acc %.4f over %s", limit, record["mean_acc"] or float("nan"),
-                ", ".join(f"{n}={t.get('acc', float('nan')):.3f}" for n, t in tasks.items()))
-    return record
+    table = paper_mean(tasks)
+    return {"tasks": tasks, "paper_mean": table["mean"], "paper_mean_stderr": table["stderr"],
+            "paper_mean_metrics": table["metrics"], "mean_acc": mean(accs),
+            "mean_acc_norm": mean([tasks[n]["acc_norm"] for n in norm_tasks]), "mean_acc_norm_tasks": norm_tasks,
+            "mean_acc_norm_or_acc": mean(mixed), "limit": limit, "num_tasks": len(tasks), "protocol": protocol}
+
+
+def merge_zeroshot(existing: dict, new: dict) -> dict:
+    """``existing`` with the tasks of ``new`` (same ``limit``) added or replaced, means recomputed; each pass's
+    tasks, command, load and wall time are kept under ``passes``."""
+    if existing.get("limit") != new.get("limit"):
+        raise ValueError(f"cannot merge zero-shot results with limit {existing.get('limit')} and {new.get('limit')}")
+    passes = existing.get("passes") or [{k: existing.get(k) for k in ("command", "load_average_at_start",
+                                                                       "load_average_at_end", "wall_s", "eval_s")}
+                                        | {"tasks": list(existing["tasks"])}]
+    passes.append({k: new.get(k) for k in ("command", "load_average_at_start", "load_average_at_end", "wall_s",
+                                           "eval_s")} | {"tasks": list(new["tasks"])})
+    merged = summarize_zeroshot({**existing["tasks"], **new["tasks"]}, new.get("limit"), new["protocol"])
+    merged.update({k: existing.get(k) for k in ("command", "load_average_at_start", "load_average_at_end", "wall_s",
+                                                 "eval_s")})
+    merged["passes"] = passes
+    return merged
 
 
 # -- recovery curve -----------------------------------------------------------------------------------------

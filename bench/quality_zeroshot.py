@@ -10,7 +10,9 @@ For each run (``--runs`` in the given order, default every run JSON of ``--out``
 (the ``dense`` run: ``--model`` itself), scores the tasks with the same code as ``quality.py
 --zeroshot-tasks`` and stores the result in the run's JSON under ``--key`` (default ``zeroshot``, or
 ``zeroshot_full`` for ``--limit 0``) with the load average at start and end. A run that already has a
-result for the same tasks and limit is skipped, so the script resumes; each JSON is rewritten atomically.
+result for the same tasks and limit is skipped, so the script resumes; a run that has a result at the same
+limit but lacks some of the tasks (HellaSwag, say) gets only those scored and merged into it. Each JSON is
+rewritten atomically.
 Finally the grid's summary (``<out>.json``, plots) is rebuilt.
 """
 
@@ -75,10 +77,13 @@ def plan(args) -> list[tuple[str, str, str | None]]:
     return out
 
 
-def already_done(record: dict, args) -> bool:
+def missing_tasks(record: dict, args) -> list[str]:
+    """The requested tasks the run has no result for at this limit (all of them when its result has another
+    limit, which is then replaced)."""
     done = record.get(args.key)
-    return bool(done) and done.get("limit") == (args.limit or None) and sorted(done.get("tasks", {})) == sorted(
-        args.tasks)
+    if not done or done.get("limit") != (args.limit or None):
+        return list(args.tasks)
+    return [t for t in args.tasks if t not in done.get("tasks", {})]
 
 
 def load(folder, args):
@@ -102,19 +107,24 @@ def main(argv=None):
     folder = quality.zeroshot_folder(eval_args)
     for rid, path, model_folder in todo:
         record = common.read_json(path)
-        if already_done(record, args):
+        todo_tasks = missing_tasks(record, args)
+        if not todo_tasks:
             logger.info("skip %s (done)", rid)
             continue
-        logger.info("zero-shot %s (limit %s)", rid, args.limit or "full")
+        logger.info("zero-shot %s (limit %s): %s", rid, args.limit or "full", ", ".join(todo_tasks))
         load_at_start = common.load_average()
         t0 = time.perf_counter()
         model, tok = load(model_folder, args)
         model.eval()
-        result = quality.evaluate_zeroshot(model, tok, eval_args, folder)
+        result = quality.evaluate_zeroshot(model, tok, argparse.Namespace(**{**vars(eval_args),
+                                                                            "zeroshot_tasks": todo_tasks}), folder)
         result.update(load_average_at_start=load_at_start, load_average_at_end=common.load_average(),
                       wall_s=time.perf_counter() - t0, command=common.command_line())
         record = common.read_json(path)  # re-read: never overwrite what another writer added meanwhile
-        record[args.key] = result
+        existing = record.get(args.key)
+        # Tasks added to a finished result (e.g. HellaSwag) join it; the other tasks are not scored again.
+        same_limit = existing and existing.get("limit") == result["limit"]
+        record[args.key] = quality.merge_zeroshot(existing, result) if same_limit else result
         common.write_json(path, record)
         del model
         gc.collect()

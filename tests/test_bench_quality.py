@@ -37,7 +37,8 @@ def _write_jsonl(path, docs):
 
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
-    """A data folder laid out like /work/shared/data, with tiny-vocabulary text and the zero-shot fixture."""
+    """A data folder laid out like the project's ($LORAPRUNE_DATA_DIR), with tiny-vocabulary text and the
+    zero-shot fixture."""
     rng = random.Random(0)
     root = tmp_path / "data"
     for sub in ("wikitext-2-raw", "ptb", "c4"):
@@ -106,7 +107,7 @@ def test_grid_with_c4_zeroshot_and_curve_then_resume(tmp_path, data_dir, model_d
         assert task["num_samples"] == 2
     assert zs["mean_acc"] == pytest.approx(sum(t["acc"] for t in zs["tasks"].values()) / 2)
     assert zs["mean_acc_norm"] == pytest.approx(sum(t["acc_norm"] for t in zs["tasks"].values()) / 2)
-    assert zs["protocol"]["zeroshot_dir"] == os.path.abspath(data_dir / "zeroshot")
+    assert zs["protocol"]["zeroshot_dir"] == "$LORAPRUNE_DATA_DIR/zeroshot"  # the data folder, not its path
 
     # Curve: step 0 plus one point per step, tokens growing, the masked model's perplexity.
     curve = run["curve"]
@@ -206,6 +207,15 @@ def test_param_ratio_oneshot_saved_models_and_later_zeroshot(tmp_path, data_dir,
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
     quality_zeroshot.main(argv)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == stamps
+    # A task added later (as HellaSwag was) is scored alone and merged into the result at the same limit.
+    before = json.loads((out / "dense.json").read_text())["zeroshot"]
+    quality_zeroshot.main(["--out", str(out), "--models", str(saved), "--model", model_dir, "--tasks", "piqa",
+                           "arc_easy", "--limit", "2", "--runs", "dense"])
+    after = json.loads((out / "dense.json").read_text())["zeroshot"]
+    assert set(after["tasks"]) == {"piqa", "arc_easy"} and after["tasks"]["piqa"] == before["tasks"]["piqa"]
+    assert [p["tasks"] for p in after["passes"]] == [["piqa"], ["arc_easy"]]
+    assert after["mean_acc"] == pytest.approx((after["tasks"]["piqa"]["acc"] + after["tasks"]["arc_easy"]["acc"]) / 2)
+    assert after["paper_mean"] is None  # four of the paper's six tasks were not scored
     quality_zeroshot.main(argv[:-1] + ["0"] + ["--runs", "oneshot-magnitude-r0.3"])
     record = json.loads((out / "oneshot-magnitude-r0.3.json").read_text())
     assert record["zeroshot_full"]["limit"] is None and record["zeroshot"]["limit"] == 2
