@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import quality  # noqa: E402
+from loraprune_trainer.evaluation import PAPER_METRICS, PAPER_TASKS, paper_accuracy, paper_mean  # noqa: E402
 
 OUT = os.path.join(common.REPO_ROOT, "docs", "results.md")
 
@@ -288,48 +289,66 @@ def section_mask_agreement(parts):
 
 
 def section_zeroshot(parts):
-    """Dense SmolLM2 on the six local zero-shot tasks (``python -m loraprune_trainer.eval ... --out``)."""
-    parts.append("## Zero-shot accuracy of the dense model (six tasks, local files)\n")
+    """Dense SmolLM2 on the local zero-shot tasks (``python -m loraprune_trainer.eval ... --out``, and the grid's
+    dense run for HellaSwag)."""
+    parts.append("## Zero-shot accuracy of the dense model (local files)\n")
     found = [(name, load(name)) for name in ("zeroshot_dense_full.json", "zeroshot_dense_limit250.json")]
     found = [(n, d) for n, d in found if d]
+    grid_dense = next((r for r in _runs("grid") if r["mode"] == "dense"), None)
+    for key in ("zeroshot_full", "zeroshot"):  # the grid's dense run adds HellaSwag, full set where scored
+        zs = (grid_dense or {}).get(key)
+        if zs and "hellaswag" in zs["tasks"]:
+            found.append((f"grid/dense.json ({'full set' if key == 'zeroshot_full' else 'limit ' + str(zs['limit'])})",
+                          {"zero_shot": {"tasks": {"hellaswag": zs["tasks"]["hellaswag"]}}}))
+            break
     if not found:
         parts.append("_Not run yet (`python -m loraprune_trainer.eval --model smollm2-gguf --tasks ... --out ...`)._\n")
         return
     parts.append(
-        "lm-eval 0.4.13 with the official task definitions, reading the upstream files of `zeroshot/` (0-shot; "
-        "`acc_norm` where the task defines it). SmolLM2-135M-Instruct here is the Q4_1 GGUF de-quantized to float32, "
-        "not the bf16 Hub weights. `limit` = first N items of each task (not a random sample).\n")
+        "lm-eval 0.4.13 with the official task definitions, reading the upstream files of `zeroshot/` (0-shot). "
+        "SmolLM2-135M-Instruct here is the Q4_1 GGUF de-quantized to float32, not the bf16 Hub weights. `limit` = "
+        "first N items of each task (not a random sample). `paper mean`: the headline of the LoRAPrune / LLM-Pruner "
+        "table, over PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c and OBQA with LLM-Pruner's metrics (`acc` for PIQA, "
+        "WinoGrande, ARC-e; `acc_norm` for HellaSwag, ARC-c, OBQA); BoolQ is reported beside it, not in it.\n")
     rows = []
     for name, d in found:
         for task, r in d["zero_shot"]["tasks"].items():
             rows.append({"file": name, "task": task, "items": f"{r['num_samples']} / {r['num_samples_total']}",
                          "acc": 100 * r["acc"], "acc_stderr": 100 * r["acc_stderr"],
                          "acc_norm": 100 * r["acc_norm"] if r.get("acc_norm") is not None else None,
-                         "acc_norm_stderr": 100 * r["acc_norm_stderr"] if r.get("acc_norm_stderr") is not None else None})
-        accs = [100 * r["acc"] for r in d["zero_shot"]["tasks"].values()]
-        rows.append({"file": name, "task": "mean (acc)", "acc": sum(accs) / len(accs)})
-    parts.append(md_table(rows, ["file", "task", "items", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr"],
-                          fmt="{:.1f}") + "\n")
-    full = dict(found).get("zeroshot_dense_full.json")
-    if full:
-        tasks = full["zero_shot"]["tasks"]
-        rows = []
-        for task, metric, value, model, source in PUBLISHED_ZEROSHOT:
-            ours = tasks.get(task, {}).get(metric)
-            rows.append({"task": task, "metric": metric, "here (full set)": 100 * ours if ours is not None else None,
-                         "published": value, "gap": 100 * ours - value if ours is not None else None,
-                         "published model": model, "source": source})
-        parts.append("Against published lm-eval 0-shot figures (third-party runs on the bf16 Hub weights; no "
-                     "official lm-eval numbers for SmolLM2-135M-Instruct on these tasks were found):\n")
-        parts.append(md_table(rows, ["task", "metric", "here (full set)", "published", "gap", "published model",
-                                     "source"], fmt="{:.1f}") + "\n")
-        parts.append(
-            "Every gap is under 3 points. On the three tasks with a published SmolLM2-135M-Instruct figure this "
-            "model scores 0.8-2.6 points lower, which the Q4_1 quantization of the GGUF (4-bit weights, de-quantized "
-            "here) plausibly explains; the other three rows compare with related models only. BoolQ at 41.3% is below the 62.2% a constant \"yes\" would score: the model "
-            "answers \" no\" to most questions under lm-eval's prompt. That is what other models this small do "
-            "too (SmolLM2-70M: 39.7%), and the labels were checked (2,033 true of 3,270, mapped to \"yes\" as the "
-            "Hub's 1). BoolQ therefore says little at this scale; read the mean with and without it.\n")
+                         "acc_norm_stderr": 100 * r["acc_norm_stderr"] if r.get("acc_norm_stderr") is not None else None,
+                         "paper metric": PAPER_METRICS.get(task)})
+    parts.append(md_table(rows, ["file", "task", "items", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
+                                 "paper metric"], fmt="{:.1f}") + "\n")
+    tasks = {}
+    for _, d in reversed(found):  # the full sets win over a limited run of the same task
+        tasks.update(d["zero_shot"]["tasks"])
+    table = paper_mean(tasks)
+    if table["mean"] is not None:
+        limits = sorted({str(t.get("num_samples")) for n, t in tasks.items() if n in PAPER_TASKS})
+        parts.append(f"Paper mean of the dense model: **{100 * table['mean']:.1f}** (± {100 * table['stderr']:.1f}; "
+                     f"items per task: {', '.join(limits)}).\n")
+    rows = []
+    for task, metric, value, model, source in PUBLISHED_ZEROSHOT:
+        entry = tasks.get(task, {})
+        ours = entry.get(metric)
+        rows.append({"task": task, "metric": metric, "here": 100 * ours if ours is not None else None,
+                     "items here": entry.get("num_samples"), "published": value,
+                     "gap": 100 * ours - value if ours is not None else None, "published model": model,
+                     "source": source})
+    parts.append("Against published lm-eval 0-shot figures (third-party runs on the bf16 Hub weights; no "
+                 "official lm-eval numbers for SmolLM2-135M-Instruct on these tasks were found):\n")
+    parts.append(md_table(rows, ["task", "metric", "here", "items here", "published", "gap", "published model",
+                                 "source"], fmt="{:.1f}") + "\n")
+    parts.append(
+        "On the tasks with a published SmolLM2-135M-Instruct figure this model scores a little lower, which the Q4_1 "
+        "quantization of the GGUF (4-bit weights, de-quantized here) plausibly explains; HellaSwag also differs from "
+        "the Hub task by the case of one word per item (the local file joins ctx_a and ctx_b without lm-eval's "
+        "capitalisation), and is scored on the items the table says. WinoGrande, OBQA and BoolQ compare with related "
+        "models only. BoolQ at 41.3% is below the 62.2% a constant \"yes\" would score: the model "
+        "answers \" no\" to most questions under lm-eval's prompt. That is what other models this small do "
+        "too (SmolLM2-70M: 39.7%), and the labels were checked (2,033 true of 3,270, mapped to \"yes\" as the "
+        "Hub's 1). BoolQ therefore says little at this scale, which is one reason it stays outside the paper mean.\n")
 
 
 # (task, metric, published value in %, model it was measured on, source). Third-party lm-eval 0-shot runs.
@@ -337,6 +356,7 @@ PUBLISHED_ZEROSHOT = [
     ("piqa", "acc_norm", 66.92, "SmolLM2-135M-Instruct",
      "hf.co/lldois/SmolLM2-135M-Reasoning-SLERP-Champion (baseline column)"),
     ("arc_easy", "acc", 54.12, "SmolLM2-135M-Instruct", "same card"),
+    ("hellaswag", "acc_norm", 42.99, "SmolLM2-135M-Instruct", "same card"),
     ("arc_challenge", "acc_norm", 27.73, "SmolLM2-135M-Instruct", "same card"),
     ("openbookqa", "acc_norm", 32.8, "SmolLM2-135M (base)", "hf.co/HuggingFaceTB/SmolLM2-135M discussions (full test)"),
     ("winogrande", "acc", 50.04, "SmolLM2-70M (smaller, same family)", "hf.co/codelion/SmolLM2-70M (lm-eval 0.4.11)"),
@@ -344,8 +364,10 @@ PUBLISHED_ZEROSHOT = [
 ]
 
 
-TASK_COLUMNS = [("boolq", "BoolQ"), ("piqa", "PIQA"), ("winogrande", "WinoG"), ("arc_easy", "ARC-e"),
-                ("arc_challenge", "ARC-c"), ("openbookqa", "OBQA")]
+# The paper's six in its order, then BoolQ as an extra column outside the mean.
+TASK_COLUMNS = [("piqa", "PIQA"), ("hellaswag", "HellaS"), ("winogrande", "WinoG"), ("arc_easy", "ARC-e"),
+                ("arc_challenge", "ARC-c"), ("openbookqa", "OBQA"), ("boolq", "BoolQ")]
+FIVE = [t for t in PAPER_TASKS if t != "hellaswag"]  # what the runs scored before HellaSwag was in the suite
 PPL_COLUMNS = [("wikitext2/llm-pruner", "WikiText-2"), ("ptb/llm-pruner", "PTB"), ("c4/llm-pruner", "C4 val")]
 
 
@@ -367,16 +389,20 @@ def _grid_row(run, dense, key="zeroshot") -> dict:
             row[col] = run["metrics"][metric]["perplexity"]
     zs = run.get(key)
     if zs:
+        tasks = zs["tasks"]
         for task, col in TASK_COLUMNS:
-            if task in zs["tasks"]:
-                row[col] = 100 * zs["tasks"][task]["acc"]
-        row["mean acc"] = 100 * zs["mean_acc"]
-        others = [t["acc"] for name, t in zs["tasks"].items() if name != "boolq" and t.get("acc") is not None]
-        if "boolq" in zs["tasks"] and others:
-            row["mean w/o BoolQ"] = 100 * sum(others) / len(others)
-        errors = [t.get("acc_stderr") for t in zs["tasks"].values()]
-        if errors and None not in errors:  # the mean's standard error, the tasks taken as independent
-            row["± mean"] = 100 * sum(e * e for e in errors) ** 0.5 / len(errors)
+            if task in tasks:
+                row[col] = 100 * paper_accuracy(task, tasks[task])
+        table = paper_mean(tasks)
+        if table["mean"] is not None:
+            row["paper mean"] = 100 * table["mean"]
+            row["± mean"] = 100 * table["stderr"] if table["stderr"] is not None else None
+        five = [paper_accuracy(t, tasks[t]) for t in FIVE if t in tasks]
+        if len(five) == len(FIVE):  # comparable across every run, HellaSwag scored or not
+            row["mean of 5"] = 100 * sum(five) / len(five)
+            errors = [tasks[t].get(f"{PAPER_METRICS[t]}_stderr") for t in FIVE]
+            if None not in errors:
+                row["± 5"] = 100 * sum(e * e for e in errors) ** 0.5 / len(errors)
         row["items/task"] = zs["limit"] or "all"
     return row
 
@@ -405,8 +431,12 @@ def section_grid(parts):
         "KD = self-distillation from the unpruned base (alpha 0.5, T 1). Perplexity: `llm-pruner` protocol "
         f"(128-token windows), first {s['windows']} windows of WikiText-2 test, PTB validation and the first "
         f"{s['c4_docs']} documents of the C4 validation sample (never trained on). Zero-shot: lm-eval, official "
-        "task definitions on the local files, 0-shot `acc` (not `acc_norm`), first N items of each task as the "
-        "`items/task` column says (a 500-item accuracy has a standard error of about 2.2 points).\n")
+        "task definitions on the local files, 0-shot, first N items of each task as the `items/task` column says "
+        "(a 500-item accuracy has a standard error of about 2.2 points), each task under the metric of the "
+        "LoRAPrune / LLM-Pruner table (`acc` for PIQA, WinoGrande, ARC-e and BoolQ; `acc_norm` for HellaSwag, "
+        "ARC-c and OBQA). `paper mean` is that table's headline, over its six tasks (BoolQ outside); `mean of 5` "
+        "leaves HellaSwag out too, so that runs whose saved models were gone before HellaSwag joined the suite "
+        "still compare (their `paper mean` is blank rather than a mean over fewer tasks).\n")
     commands = sorted({r["command"] for r in runs})
     common_part = os.path.commonprefix(commands).rsplit(" --", 1)[0] if len(commands) > 1 else ""
     parts.append("Commands (one JSON per run in `bench/results/grid/`; zero-shot added by "
@@ -420,9 +450,23 @@ def section_grid(parts):
     parts.extend(f"- `{c}`" for c in zs_commands)
     parts.append("")
     rows = [_grid_row(r, dense) for r in runs]
-    cols = ["budget", "method", "params_M", *[c for _, c in PPL_COLUMNS], *[c for _, c in TASK_COLUMNS], "mean acc",
-            "± mean", "mean w/o BoolQ", "items/task"]
-    parts.append(md_table(rows, cols, fmt="{:.1f}") + "\n")
+    spread = run_to_run_spread()
+    limit = max(v for v in (spread["max_rel"], spread["demo_rel"]) if v is not None) if (
+        spread["max_rel"] is not None or spread["demo_rel"] is not None) else None
+    for budget in {row["budget"] for row in rows if row["budget"] != "0%"}:
+        group = [row for row in rows if row["budget"] == budget and row.get("WikiText-2")]
+        best = min(row["WikiText-2"] for row in group)
+        for row in group:
+            gap = 100 * (row["WikiText-2"] / best - 1)
+            row["WikiText-2 vs best"] = (f"+{gap:.1f}%" + (" (in spread)" if limit is not None and 0 < gap <= limit
+                                                         else "")) if gap else "best"
+    cols = ["budget", "method", "params_M", *[c for _, c in PPL_COLUMNS], *[c for _, c in TASK_COLUMNS], "paper mean",
+            "± mean", "mean of 5", "± 5", "items/task"]
+    parts.append(md_table(rows, cols[:6] + ["WikiText-2 vs best"] + cols[6:], fmt="{:.1f}") + "\n")
+    if limit is not None:
+        parts.append(f"`WikiText-2 vs best`: the gap to the best run at the same budget; \"in spread\" marks a gap no "
+                     f"larger than {limit:.1f}%, the largest run-to-run change measured for one command (next section), "
+                     "so one run cannot tell those settings apart.\n")
     full = [_grid_row(r, dense, "zeroshot_full") for r in runs if r.get("zeroshot_full")]
     if full:
         parts.append("Full task sets (every item) for the dense model and the best 20% models: `taylor_gate` by "
@@ -443,7 +487,9 @@ def section_grid(parts):
                 row[f"{col} without / with"] = (f"{r['metrics'][metric]['perplexity']:.1f} / "
                                                 f"{twin['metrics'][metric]['perplexity']:.1f}")
         if r.get("zeroshot") and twin.get("zeroshot"):
-            row["mean acc without / with"] = f"{100 * r['zeroshot']['mean_acc']:.1f} / {100 * twin['zeroshot']['mean_acc']:.1f}"
+            a, b = _grid_row(r, None), _grid_row(twin, None)
+            if a.get("mean of 5") is not None and b.get("mean of 5") is not None:
+                row["mean of 5 without / with"] = f"{a['mean of 5']:.1f} / {b['mean of 5']:.1f}"
         kd_rows.append(row)
     if kd_rows:
         parts.append("Distillation, criterion by criterion (same budget, same tokens):\n")
@@ -503,22 +549,22 @@ def grid_reading(runs) -> str:
                 margin = f", {100 * (runner_up / value - 1):.1f}% ahead of the next" if runner_up else ""
                 winners.append(f"{col} {_method(best)} ({value:.1f}{margin})")
         zs = [(r, _grid_row(r, None)) for r in twenty if r.get("zeroshot")]
-        for col in ("mean acc", "mean w/o BoolQ"):
+        for col in ("paper mean", "mean of 5"):
             scored = [(r, row[col]) for r, row in zs if row.get(col) is not None]
             if scored:
                 best, value = max(scored, key=lambda x: x[1])
                 winners.append(f"zero-shot {col} {_method(best)} ({value:.1f}; {len(scored)} of {len(twenty)} runs "
                                "evaluated)")
         line = "**Winners at 20%** (lowest perplexity, highest accuracy): " + "; ".join(winners) + "."
-        useful = [(r, row) for r, row in zs if r["criterion"] != "random" and row.get("mean w/o BoolQ") is not None]
+        useful = [(r, row) for r, row in zs if r["criterion"] != "random" and row.get("mean of 5") is not None]
         if len(useful) > 1:
-            values = [row["mean w/o BoolQ"] for _, row in useful]
-            errors = [[t["acc_stderr"] for n, t in r["zeroshot"]["tasks"].items() if n != "boolq"] for r, _ in useful]
-            se = max(100 * sum(e * e for e in errs) ** 0.5 / len(errs) for errs in errors)
-            line += (f" Without BoolQ, the {len(useful)} non-random runs span {min(values):.1f}-{max(values):.1f} "
-                     f"({max(values) - min(values):.1f} points), against a standard error of up to {se:.1f} points for "
-                     "one such mean: zero-shot accuracy separates random masks from the rest, not the criteria from "
-                     "each other; perplexity does, at least for gaps as large as `lora`'s.")
+            values = [row["mean of 5"] for _, row in useful]
+            se = max(row.get("± 5") or 0 for _, row in useful)
+            line += (f" On the five paper tasks every run has (HellaSwag aside), the {len(useful)} non-random runs span "
+                     f"{min(values):.1f}-{max(values):.1f} ({max(values) - min(values):.1f} points), against a standard "
+                     f"error of up to {se:.1f} points for one such mean: zero-shot accuracy separates random masks "
+                     "from the rest, not the criteria from each other; perplexity does, at least for gaps as large "
+                     "as `lora`'s.")
         out.append(line)
     if "taylor_gate" in plain:
         ref = plain["taylor_gate"]
@@ -565,16 +611,17 @@ def grid_reading(runs) -> str:
                 f"{dense['parameters'] / 1e6:.1f}M parameters): perplexity {ratios}")
         if best.get("zeroshot") and dense.get("zeroshot"):
             b, d = _grid_row(best, None), _grid_row(dense, None)
-            line += (f"; mean accuracy {b['mean acc']:.1f} vs {d['mean acc']:.1f} ({b['mean acc'] - d['mean acc']:+.1f} "
-                     f"points), without BoolQ {b['mean w/o BoolQ']:.1f} vs {d['mean w/o BoolQ']:.1f} "
-                     f"({b['mean w/o BoolQ'] - d['mean w/o BoolQ']:+.1f} points). The six-task mean hides the loss: "
-                     f"BoolQ goes from {d['BoolQ']:.1f} to {b['BoolQ']:.1f}")
-            yes = _boolq_yes_share(best["zeroshot"]["limit"])
-            if yes is not None:
-                line += (f", and the gold answer of {yes:.1f}% of the questions scored is \"yes\" (always \"no\" "
-                         f"would score {100 - yes:.1f}): the dense model answers mostly \"no\", the pruned one almost "
-                         "always \"yes\". That jump is a change of bias, not of reading; the other five tasks are the "
-                         "signal")
+            col = "paper mean" if b.get("paper mean") is not None and d.get("paper mean") is not None else "mean of 5"
+            if b.get(col) is not None and d.get(col) is not None:
+                line += (f"; zero-shot {col} {b[col]:.1f} vs {d[col]:.1f} ({b[col] - d[col]:+.1f} points; BoolQ, outside "
+                         f"the mean, goes from {d['BoolQ']:.1f} to {b['BoolQ']:.1f}")
+                yes = _boolq_yes_share(best["zeroshot"]["limit"])
+                if yes is not None:
+                    line += (f", and the gold answer of {yes:.1f}% of the questions scored is \"yes\" (always \"no\" "
+                             f"would score {100 - yes:.1f}): the dense model answers mostly \"no\", the pruned one "
+                             "almost always \"yes\", a change of bias rather than of reading, which is why BoolQ "
+                             "stays out of the headline")
+                line += ")"
         out.append(line + ".")
     full = [r for r in runs if r.get("zeroshot_full") and r["mode"] != "dense"]
     if dense and dense.get("zeroshot_full") and full:
@@ -582,21 +629,24 @@ def grid_reading(runs) -> str:
         cells = []
         for r in full:
             b = _grid_row(r, None, "zeroshot_full")
-            cells.append(f"{_method(r)} {r['ratio']:.0%}: mean {b['mean acc']:.1f} ({b['mean acc'] - d['mean acc']:+.1f}), "
-                         f"without BoolQ {b['mean w/o BoolQ']:.1f} ({b['mean w/o BoolQ'] - d['mean w/o BoolQ']:+.1f}), "
-                         f"BoolQ {b['BoolQ']:.1f}")
-        out.append(f"**On the full task sets** (every item; dense: mean {d['mean acc']:.1f}, without BoolQ "
-                   f"{d['mean w/o BoolQ']:.1f}, BoolQ {d['BoolQ']:.1f}, standard error of a six-task mean about "
-                   f"{d['± mean']:.1f} points): " + "; ".join(cells) + ".")
+            cell = f"{_method(r)} {r['ratio']:.0%}:"
+            for col in ("paper mean", "mean of 5"):
+                if b.get(col) is not None and d.get(col) is not None:
+                    cell += f" {col} {b[col]:.1f} ({b[col] - d[col]:+.1f}),"
+            cells.append(cell + f" BoolQ {b['BoolQ']:.1f}")
+        dense_cell = ", ".join(f"{col} {d[col]:.1f} (± {d['± mean' if col == 'paper mean' else '± 5']:.1f})"
+                               for col in ("paper mean", "mean of 5") if d.get(col) is not None)
+        out.append(f"**On the full task sets** (every item; dense: {dense_cell}, BoolQ {d['BoolQ']:.1f}): "
+                   + "; ".join(cells) + ".")
     fifty = {(_method(r)): r for r in runs if r["ratio"] == 0.5}
     if fifty:
         def zs_cell(r):
             row = _grid_row(r, None)
-            return f", mean accuracy without BoolQ {row['mean w/o BoolQ']:.1f}" if row.get("mean w/o BoolQ") is not None else ""
+            return f", zero-shot mean of 5 {row['mean of 5']:.1f}" if row.get("mean of 5") is not None else ""
 
         cells = [f"{name}: " + " / ".join(f"{_ppl(r, m):.1f}" for m, _ in PPL_COLUMNS if _ppl(r, m)) + zs_cell(r)
                  for name, r in fifty.items()]
-        reference = f" (dense: mean accuracy without BoolQ {_grid_row(dense, None)['mean w/o BoolQ']:.1f})" if (
+        reference = f" (dense: zero-shot mean of 5 {_grid_row(dense, None)['mean of 5']:.1f})" if (
             dense and dense.get("zeroshot")) else ""
         line = "**50%** (WikiText-2 / PTB / C4 perplexity): " + "; ".join(cells) + reference + "."
         oneshot = next((r for r in runs if r["ratio"] == 0.5 and r["mode"] == "oneshot"), None)
@@ -618,9 +668,92 @@ def grid_reading(runs) -> str:
         "What the grid cannot show: one seed per cell (differences of a few percent between `taylor_gate`, "
         "`vanilla` and `wanda` are within what a second seed could move); 51k training tokens, far below the paper's "
         "budget, so these are early-recovery numbers; a 135M model whose MLPs are the only thing cut; zero-shot on "
-        "500 items per task (about 2.2 points of standard error each), and BoolQ, where this model is below the "
+        "500 items per task (about 2.2 points of standard error each); HellaSwag only for the runs whose models were "
+        "still at hand when it joined the suite (or were trained again); and BoolQ, where this model is below the "
         "majority class, carries little signal.")
     return "\n\n".join(out) + "\n"
+
+
+def run_to_run_spread() -> dict:
+    """How far one run of the same command moves: per perplexity set, the largest relative difference between
+    a grid run and its rerun (``bench/results/grid_rerun/``), and the demo's perplexity range over seeds
+    relative to its mean. ``{"pairs": [...], "max_rel": float or None, "demo_rel": float or None}``."""
+    original = {r["run"]: r for r in _runs("grid")}
+    pairs = []
+    for r in _runs("grid_rerun"):
+        o = original.get(r["run"])
+        if o is None:
+            continue
+        row = {"run": r["run"], "method": _method(r)}
+        for metric, col in PPL_COLUMNS:
+            a, b = _ppl(o, metric), _ppl(r, metric)
+            if a and b:
+                row[f"{col} first / rerun"] = f"{a:.1f} / {b:.1f}"
+                row[f"{col} change %"] = 100 * (b / a - 1)
+        for key, label in (("zeroshot", "mean of 5 first / rerun"),):
+            if o.get(key) and r.get(key):
+                a, b = _grid_row(o, None).get("mean of 5"), _grid_row(r, None).get("mean of 5")
+                if a is not None and b is not None:
+                    row[label] = f"{a:.1f} / {b:.1f}"
+        rerun_row = _grid_row(r, None)
+        if rerun_row.get("paper mean") is not None:
+            row["rerun paper mean"] = rerun_row["paper mean"]
+            row["rerun HellaSwag"] = rerun_row.get("HellaS")
+        pairs.append(row)
+    changes = [abs(v) for row in pairs for k, v in row.items() if k.endswith("change %")]
+    demo = (load("demo_seeds.json") or {}).get("seed_spread") or []
+    demo_rel = None
+    if demo and demo[0].get("ppl_after_mean"):
+        d = demo[0]
+        demo_rel = 100 * (d["ppl_after_max"] - d["ppl_after_min"]) / d["ppl_after_mean"]
+    return {"pairs": pairs, "max_rel": max(changes) if changes else None, "demo_rel": demo_rel}
+
+
+def section_spread(parts):
+    """Run-to-run spread: the demo over three seeds, and grid runs repeated on another machine."""
+    parts.append("## How far one run moves: demo seeds and grid reruns\n")
+    demo = load("demo_seeds.json")
+    if demo and demo.get("rows"):
+        runs = demo["runs"]
+        parts.append(
+            "The README's demo command (`configs/smollm2_demo.yaml`: 20% of decoder parameters from MLP channels, "
+            "`taylor_gate`, 160 steps of 4 x 128 tokens) with `--seed 0`, `1` and `2`, one after another on the "
+            "2-core CPU, data from the shipped `data/` folder (no `LORAPRUNE_DATA_DIR`). Command: "
+            f"`python bench/demo_budgets.py --steps 160 --seeds 0 1 2 --out bench/results/demo_seeds`. Wall time "
+            "is the whole command (model loading, both perplexity passes, export and reload); "
+            "`train_s_per_step` is training alone. Load = 1-minute load average at start / end (2 torch threads "
+            "make about 2).\n")
+        rows = [dict(r, load=f"{_load(run.get('load_average_at_start'))} / {_load(run.get('load_average_at_end'))}")
+                for r, run in zip(demo["rows"], runs)]
+        parts.append(md_table(rows, ["steps", "seed", "tokens", "wall_min", "train_s_per_step", "ppl_before",
+                                     "ppl_after", "ppl_ratio", "decoder_params_ratio", "load"]) + "\n")
+        for sp in demo.get("seed_spread") or []:
+            parts.append(
+                f"Over {sp['seeds']} seeds: WikiText-2 perplexity {sp['ppl_after_mean']:.2f} (range "
+                f"{sp['ppl_after_min']:.2f}-{sp['ppl_after_max']:.2f}, {sp['ppl_ratio_mean']:.2f}x dense, range "
+                f"{sp['ppl_ratio_min']:.2f}-{sp['ppl_ratio_max']:.2f}); whole command {sp['wall_min_min']:.1f}-"
+                f"{sp['wall_min_max']:.1f} min; training {sp['train_s_per_step_min']:.2f}-"
+                f"{sp['train_s_per_step_max']:.2f} s per step.\n")
+    else:
+        parts.append("_Demo seeds not run yet (`python bench/demo_budgets.py --steps 160 --seeds 0 1 2 --out "
+                     "bench/results/demo_seeds`)._\n")
+    spread = run_to_run_spread()
+    if spread["pairs"]:
+        parts.append(
+            "Grid runs repeated with the identical command on another machine of the same kind (`bench/results/"
+            "grid_rerun/`, models saved, zero-shot on 500 items of all seven tasks, so these rows have HellaSwag and "
+            "a paper mean). The first run's saved models were gone, so this is also the only way their HellaSwag "
+            "column could be filled: the rerun's models are not the first run's.\n")
+        cols = list(dict.fromkeys(k for row in spread["pairs"] for k in row))
+        parts.append(md_table(spread["pairs"], cols, fmt="{:.1f}") + "\n")
+        parts.append(
+            f"The same command moved perplexity by up to {spread['max_rel']:.1f}% between machines"
+            + (f", and the demo's WikiText-2 perplexity spans {spread['demo_rel']:.1f}% of its mean over three seeds"
+               if spread["demo_rel"] is not None else "")
+            + ". A gap between two settings smaller than that is inside the spread of a single run; the grid table "
+              "marks such gaps.\n")
+    else:
+        parts.append("_Grid reruns not run yet (the grid commands with `--out bench/results/grid_rerun`)._\n")
 
 
 def section_overhead(parts):
@@ -678,6 +811,7 @@ def main():
              "script has flags to scale up on a GPU (see its `--help`). Every table names the command that made it "
              "and the machine's load while it ran.\n"]
     section_grid(parts)
+    section_spread(parts)
     section_zeroshot(parts)
     section_speed(parts)
     section_cost(parts)

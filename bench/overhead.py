@@ -3,7 +3,9 @@
 Variants (``--variants``): ``sft`` is a plain LoRA `SFTTrainer`; a criterion name (``lora``,
 ``taylor_gate``, ``vanilla``, ...) is `LoRAPruneTrainer` with that criterion; a ``+kd`` suffix adds
 self-distillation from the base model (``distill_alpha=0.5``: one extra forward pass without
-gradient). Same model, data, batch, LoRA config and steps; pruning is active on every measured step
+gradient), ``+lstsq`` / ``+bias`` the compensation refit (``compensation=...``; with the default
+``compensation_batches`` 8 and ``--prune_freq`` below that, every step accumulates statistics: the
+worst case). Same model, data, batch, LoRA config and steps; pruning is active on every measured step
 (scores each step, masks every `--prune_freq`). Each variant runs in its own subprocess (so peak
 memory is that variant's own), in an order that rotates over `--rounds` so that machine noise hits
 all alike. Ratios are against the first variant. Prints a table and writes JSON, but only if the
@@ -30,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import quiet  # noqa: E402
+from loraprune_trainer.data import portable_path  # noqa: E402
 
 DATA_DIR = os.environ.get("LORAPRUNE_DATA_DIR", os.path.join(HERE, "..", "..", "shared", "data"))
 
@@ -74,7 +77,10 @@ def run_variant(variant: str, opts) -> dict:
             self.times.append(time.perf_counter() - self._start)
 
     timer = StepTimer()
-    criterion, _, extra = variant.partition("+")
+    criterion, *extras = variant.split("+")
+    unknown = set(extras) - {"kd", "lstsq", "bias"}
+    if unknown:
+        raise SystemExit(f"unknown variant suffix {sorted(unknown)} in {variant!r}: use +kd, +lstsq or +bias")
     if variant == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tok,
                              peft_config=lora, callbacks=[timer])
@@ -82,7 +88,8 @@ def run_variant(variant: str, opts) -> dict:
         # The ramp covers every step (no warm-up, no cool-down), so scoring runs on all of them.
         args = LoRAPruneConfig(**common, pruning_ratio=0.5, attention_pruning_ratio=0.34, prune_freq=opts.prune_freq,
                                pruning_warmup_ratio=0.0, pruning_cooldown_ratio=0.0, pruning_criterion=criterion,
-                               distill_alpha=0.5 if extra == "kd" else 0.0)
+                               distill_alpha=0.5 if "kd" in extras else 0.0,
+                               compensation=next((e for e in extras if e in ("lstsq", "bias")), "none"))
         trainer = LoRAPruneTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
                                    peft_config=lora, callbacks=[timer])
         # Time the pruning work inside the same steps too: a ratio immune to machine noise.
@@ -118,6 +125,8 @@ def run_variant(variant: str, opts) -> dict:
         per_step = [pruning_times.get(i, 0.0) for i in range(1, len(timer.times) + 1)]
         fractions = [p / (t - p) for p, t in zip(per_step, timer.times)][opts.warmup:]
         result["pruning_s_per_step"] = statistics.median(per_step[opts.warmup:])
+        # Mask updates (and a compensation refit) happen every prune_freq steps: the median hides them.
+        result["pruning_s_mean"] = statistics.mean(per_step[opts.warmup:])
         result["pruning_fraction_in_run"] = statistics.median(fractions)
         result["score_updates"] = trainer.pruning_state.num_score_updates
         result["params_ratio"] = trainer.pruning_metrics()["prune/params_ratio"]
@@ -141,6 +150,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); 1 keeps timings sane on a CPU shared with other jobs")
     p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--out", default=None, help="JSON file to write (default: <out_dir>/overhead_<device>.json).")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     quiet.add_arguments(p)  # checked by the parent process only, around all the variant runs
     return p.parse_args(argv)
@@ -182,9 +192,13 @@ def main(argv=None):
         if v != "sft":
             row["pruning_s_per_step"] = med(v, "pruning_s_per_step")
             row["pruning_fraction_in_run"] = med(v, "pruning_fraction_in_run")
+            if all("pruning_s_mean" in r for r in runs[v]):
+                row["pruning_s_mean"] = med(v, "pruning_s_mean")
         rows.append(row)
     summary = {
-        "benchmark": "overhead", "settings": vars(opts) | {"variant": None}, "rows": rows,
+        "benchmark": "overhead", "rows": rows,
+        # Paths as the data folder names them, never the machine's.
+        "settings": vars(opts) | {"variant": None, "dataset": portable_path(opts.dataset), "out_dir": None},
         "runs": runs, "wall_s": time.time() - started,
         "machine": {"cpus": os.cpu_count(), "device": opts.device, "load_average_at_start": load_at_start},
         **load_fields,
@@ -197,7 +211,7 @@ def main(argv=None):
         print(f"{r['variant']:<18}{r['step_s']:>9.3f}{r[mem_key]:>14.0f}{r['step_time_ratio']:>9.3f}"
               f"{r['peak_memory_ratio']:>8.3f}{pruning:>16}")
     print(f"(ratios against {first}; pruning s/step: the callback's own time inside the same steps)")
-    path = os.path.join(opts.out_dir, f"overhead_{opts.device}.json")
+    path = opts.out or os.path.join(opts.out_dir, f"overhead_{opts.device}.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\nwrote {path} ({summary['wall_s']:.0f} s)")

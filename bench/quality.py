@@ -92,6 +92,11 @@ def parse_args(argv=None):
     p.add_argument("--distill-alpha", type=float, default=0.0)
     p.add_argument("--distill-temperature", type=float, default=1.0)
     p.add_argument("--distill-teacher", default="base", choices=["base", "dense"])
+    p.add_argument("--compensation", default="none", choices=["none", "bias", "lstsq"],
+                   help="Refit what the removed units fed, at every mask update (iterative) or after the cut "
+                        "(one-shot, statistics from the calibration documents); see LoRAPruneConfig.compensation.")
+    p.add_argument("--compensation-lambda", type=float, default=0.1)
+    p.add_argument("--compensation-batches", type=int, default=8)
     p.add_argument("--tag", default="", help="Suffix of every run id (to keep series apart in one folder).")
     p.add_argument("--criteria", nargs="+", default=["lora", "vanilla", "magnitude", "wanda", "random"],
                    choices=CRITERIA)
@@ -100,7 +105,8 @@ def parse_args(argv=None):
                         "c4_demo.jsonl (200.. calibrate) or every document of any other file.")
     p.add_argument("--protocols", nargs="+", default=PROTOCOLS, choices=PROTOCOLS)
     p.add_argument("--modes", nargs="+", default=["iterative", "oneshot"], choices=["iterative", "oneshot"])
-    p.add_argument("--steps", type=int, default=4, help="Optimizer steps of every fine-tune (both modes).")
+    p.add_argument("--steps", type=int, default=4, help="Optimizer steps of every fine-tune (both modes; 0 with "
+                                                        "--modes oneshot: cut and evaluate, no fine-tune).")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--max-length", type=int, default=64, help="Tokens per training sample (truncated).")
     p.add_argument("--lr", type=float, default=5e-4)
@@ -136,6 +142,8 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}.")
     if args.curve_windows < 1:
         p.error(f"--curve-windows must be >= 1, got {args.curve_windows}.")
+    if args.steps < 0 or (args.steps == 0 and "iterative" in args.modes):
+        p.error(f"--steps must be >= 1 (0 only with --modes oneshot: cut without fine-tuning), got {args.steps}.")
     return args
 
 
@@ -421,7 +429,9 @@ def run_iterative(base, tok, train_ds, criterion, ratio, args, tmp, curve=None):
                           attention_pruning_ratio=args.attention_ratio, mlp_pruning_ratio=args.mlp_ratio,
                           param_pruning_ratio=args.param_ratio, attention_unit=args.attention_unit,
                           distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
-                          distill_teacher=args.distill_teacher, **VARIANTS[criterion])
+                          distill_teacher=args.distill_teacher, compensation=args.compensation,
+                          compensation_lambda=args.compensation_lambda,
+                          compensation_batches=args.compensation_batches, **VARIANTS[criterion])
     trainer = LoRAPruneTrainer(copy.deepcopy(base), cfg, train_dataset=train_ds, processing_class=tok,
                                peft_config=lora_config())
     recorder = None
@@ -459,11 +469,15 @@ def run_oneshot(base, tok, train_ds, calib, criterion, ratio, args, tmp):
                            attention_unit=args.attention_unit,
                            score_form=variant.get("score_form", "square"),
                            normalize_scores=variant.get("normalize_scores", False),
-                           max_length=args.max_length, batch_size=args.batch, seed=args.seed)
+                           max_length=args.max_length, batch_size=args.batch, seed=args.seed,
+                           compensation=args.compensation, compensation_lambda=args.compensation_lambda)
     score_s = time.perf_counter() - t0
     if counts is not None and result.report["units_pruned_per_layer"] != counts:
         raise RuntimeError(f"one-shot pruned {result.report['units_pruned_per_layer']} units per layer, the "
                            f"--param-ratio budget asks for {counts}")
+    if args.steps == 0:  # the cut alone: what compensation recovers before any training
+        return result.model.eval(), {"score_s": score_s, "train_s": 0.0, "tokens_trained": 0, "steps": 0,
+                                     "oneshot": result.report, "final_loss": None}
     t0 = time.perf_counter()
     model, trainer = finetune_compact(result.model, tok, train_ds, SFTConfig(**train_kwargs(args, tmp)),
                                       lora_config=lora_config())

@@ -79,6 +79,25 @@ def test_defaults_are_unchanged():
         quality.parse_args(["--curve-every", "-1"])
 
 
+def test_oneshot_cut_without_finetune_and_compensation(tmp_path, data_dir, model_dir):
+    """--modes oneshot --steps 0: the cut alone, with and without a least-squares refit; the refit is recorded
+    and changes the model (and so its perplexity) at equal size."""
+    out = tmp_path / "comp"
+    common = ["--model", model_dir, "--out", str(out), "--ratios", "0.5", "--criteria", "taylor_gate", "--modes",
+              "oneshot", "--steps", "0", "--batch", "2", "--max-length", "32", "--windows", "2", "--protocols",
+              "llm-pruner", "--eval-sets", "wikitext2", "--calib-samples", "4"]
+    quality.main(common)
+    quality.main(common + ["--compensation", "lstsq", "--tag=-lstsq"])
+    plain = json.loads((out / "oneshot-taylor_gate-r0.5.json").read_text())
+    refit = json.loads((out / "oneshot-taylor_gate-r0.5-lstsq.json").read_text())
+    assert plain["tokens_trained"] == refit["tokens_trained"] == 0 and plain["parameters"] == refit["parameters"]
+    assert refit["settings"]["compensation"] == "lstsq" and plain["settings"]["compensation"] == "none"
+    ppl = [r["metrics"]["wikitext2/llm-pruner"]["perplexity"] for r in (plain, refit)]
+    assert ppl[0] != ppl[1]
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--steps", "0", "--modes", "iterative"])
+
+
 def test_grid_with_c4_zeroshot_and_curve_then_resume(tmp_path, data_dir, model_dir):
     out = tmp_path / "quality"
     argv = ["--model", model_dir, "--out", str(out), "--ratios", "0.5", "--criteria", "lora", "--modes", "iterative",
