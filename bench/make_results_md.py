@@ -374,10 +374,16 @@ PPL_COLUMNS = [("wikitext2/llm-pruner", "WikiText-2"), ("ptb/llm-pruner", "PTB")
 _distill = quality.distill_alpha
 
 
+def _comp(run) -> str:
+    """The run's compensation (``none`` for runs from before the setting existed)."""
+    return (run.get("settings") or {}).get("compensation") or "none"
+
+
 def _method(run) -> str:
     if run["mode"] == "dense":
         return "dense"
     name = run["criterion"] + (" one-shot, then tune" if run["mode"] == "oneshot" else "")
+    name += f" + {_comp(run)} refit" if _comp(run) != "none" else ""
     return name + (f" + KD {_distill(run):g}" if _distill(run) else "")
 
 
@@ -416,7 +422,8 @@ def section_grid(parts):
         return
     dense = next((r for r in runs if r["mode"] == "dense"), None)
     order = {"taylor_gate": 0, "lora": 1, "vanilla": 2, "wanda": 3, "random": 4}
-    runs.sort(key=lambda r: (r["ratio"] or 0, r["mode"] == "oneshot", order.get(r["criterion"], -1), _distill(r)))
+    runs.sort(key=lambda r: (r["ratio"] or 0, r["mode"] == "oneshot", order.get(r["criterion"], -1), _distill(r),
+                             _comp(r)))
     pruned = [r for r in runs if r["mode"] != "dense"]
     s = pruned[0]["settings"] if pruned else runs[0]["settings"]
     tokens = sorted({r.get("tokens_trained") for r in pruned})
@@ -475,10 +482,10 @@ def section_grid(parts):
     # Distillation's effect, criterion by criterion at the same budget.
     kd_rows = []
     for r in pruned:
-        if _distill(r):
+        if _distill(r) or _comp(r) != "none":
             continue
         twin = next((t for t in pruned if t["criterion"] == r["criterion"] and t["ratio"] == r["ratio"]
-                     and t["mode"] == r["mode"] and _distill(t)), None)
+                     and t["mode"] == r["mode"] and _distill(t) and _comp(t) == "none"), None)
         if twin is None:
             continue
         row = {"budget": f"{r['ratio']:.0%}", "criterion": r["criterion"]}
@@ -537,7 +544,7 @@ def grid_reading(runs) -> str:
     """What the grid shows, in sentences computed from the runs (so a rerun cannot leave stale numbers)."""
     dense = next((r for r in runs if r["mode"] == "dense"), None)
     twenty = [r for r in runs if r["ratio"] == 0.2 and r["mode"] == "iterative"]
-    plain = {r["criterion"]: r for r in twenty if not _distill(r)}
+    plain = {r["criterion"]: r for r in twenty if not _distill(r) and _comp(r) == "none"}
     out = []
     if twenty:
         winners = []
@@ -592,7 +599,7 @@ def grid_reading(runs) -> str:
         out.append(line)
     kd = []
     for crit, r in plain.items():
-        twin = next((t for t in twenty if t["criterion"] == crit and _distill(t)), None)
+        twin = next((t for t in twenty if t["criterion"] == crit and _distill(t) and _comp(t) == "none"), None)
         if twin:
             kd.append(f"`{crit}` " + ", ".join(f"{col} {100 * (_ppl(twin, m) / _ppl(r, m) - 1):+.1f}%"
                                               for m, col in PPL_COLUMNS if _ppl(r, m) and _ppl(twin, m)))
@@ -756,6 +763,90 @@ def section_spread(parts):
         parts.append("_Grid reruns not run yet (the grid commands with `--out bench/results/grid_rerun`)._\n")
 
 
+def section_compensation(parts):
+    """Compensated cuts (``compensation``): one-shot without training, and pruning while fine-tuning."""
+    parts.append("## Cuts that keep the signal: compensation\n")
+    oneshot = [r for r in _runs("compensation_oneshot") if r["mode"] == "oneshot"]
+    dense = next((r for r in _runs("compensation_oneshot") if r["mode"] == "dense"), None)
+    if not oneshot:
+        parts.append("_Not run yet (`python bench/quality.py --modes oneshot --steps 0 --compensation ...`)._\n")
+    else:
+        s = oneshot[0]["settings"]
+        parts.append(
+            f"One-shot, no fine-tuning: `taylor_gate` scored once on {s['calib_samples']} C4 documents (the same "
+            "documents give the compensation's statistics, through the dense model), MLP channels cut to the "
+            "budget (`--param-ratio`, attention whole), then the consumer (`down_proj`) refitted: `none` = plain "
+            "deletion, `bias` = the removed channels' mean contribution as a bias (FLAP), `lstsq` = ridge least "
+            f"squares on the kept columns (lambda {s['compensation_lambda']} of the mean diagonal). Perplexity: "
+            f"`llm-pruner` protocol, first {s['windows']} windows of WikiText-2 and PTB, first {s['c4_docs']} C4 "
+            "validation documents. Command: `python bench/quality.py --modes oneshot --steps 0 --batch 4 "
+            "--max-length 128 --calib-samples 64 --windows 256 --protocols llm-pruner --eval-sets wikitext2 ptb c4 "
+            "--attention-ratio 0 --criteria taylor_gate --out bench/results/compensation_oneshot` with `--ratios R "
+            "--param-ratio R` and `--compensation C --tag=-C`.\n")
+        rows = []
+        for r in sorted(oneshot, key=lambda r: (r["ratio"], ["none", "bias", "lstsq"].index(_comp(r)))):
+            none = next((o for o in oneshot if o["ratio"] == r["ratio"] and _comp(o) == "none"), None)
+            row = {"budget": f"{r['ratio']:.0%}", "compensation": _comp(r), "params_M": r["parameters"] / 1e6}
+            for metric, col in PPL_COLUMNS:
+                if _ppl(r, metric):
+                    row[col] = _ppl(r, metric)
+                    if none is not None and _ppl(none, metric):
+                        row[f"{col} vs none"] = f"{_ppl(r, metric) / _ppl(none, metric):.2f}x"
+            rows.append(row)
+        if dense:
+            rows.insert(0, {"budget": "0%", "compensation": "dense", "params_M": dense["parameters"] / 1e6,
+                            **{col: _ppl(dense, m) for m, col in PPL_COLUMNS if _ppl(dense, m)}})
+        parts.append(md_table(rows, list(dict.fromkeys(k for row in rows for k in row)), fmt="{:.1f}") + "\n")
+    grid = [r for r in _runs("grid") if r["mode"] == "iterative" and r["criterion"] == "taylor_gate"
+            and not _distill(r)]
+    comp = [r for r in grid if _comp(r) != "none"]
+    if comp:
+        parts.append(
+            "Pruning while fine-tuning, equal tokens (the grid's command and budget, "
+            f"{comp[0].get('tokens_trained'):,} training tokens), with and without the refit at every mask update "
+            "(`--compensation lstsq`, statistics from the last 8 micro-batches before each update). The `none` rows "
+            "are the grid's own runs; at 20% the rerun of the same command on this machine is shown too, as the "
+            "measure of run-to-run spread.\n")
+        rows = []
+        rerun = {r["run"]: r for r in _runs("grid_rerun")}
+        for r in sorted(grid, key=lambda r: (r["ratio"], _comp(r))):
+            rows.append({"budget": f"{r['ratio']:.0%}", "run": _method(r) + " (grid)",
+                         **{col: _ppl(r, m) for m, col in PPL_COLUMNS if _ppl(r, m)}})
+            if _comp(r) == "none" and r["run"] in rerun:
+                x = rerun[r["run"]]
+                rows.append({"budget": f"{x['ratio']:.0%}", "run": _method(x) + " (rerun, this machine)",
+                             **{col: _ppl(x, m) for m, col in PPL_COLUMNS if _ppl(x, m)}})
+        parts.append(md_table(rows, ["budget", "run", *[c for _, c in PPL_COLUMNS]], fmt="{:.1f}") + "\n")
+        lines = []
+        for r in comp:
+            base = [b for b in grid if b["ratio"] == r["ratio"] and _comp(b) == "none"]
+            base += [x for x in _runs("grid_rerun") if x["mode"] == "iterative" and x["ratio"] == r["ratio"]
+                     and x["criterion"] == "taylor_gate" and not _distill(x)]
+            if not base:
+                continue
+            cells = []
+            for m, col in PPL_COLUMNS:
+                values = [_ppl(b, m) for b in base if _ppl(b, m)]
+                if values and _ppl(r, m):
+                    cells.append(f"{col} {100 * (_ppl(r, m) / min(values) - 1):+.1f}% vs the best "
+                                 f"`none` run ({min(values):.1f})")
+            lines.append(f"At {r['ratio']:.0%}, `{_comp(r)}`: " + ", ".join(cells) + ".")
+        parts.append(" ".join(lines) + " The recovery curves of these runs are in the grid's curve plot.\n")
+    cost = load("overhead_compensation.json")
+    if cost and cost.get("rows"):
+        s = cost["settings"]
+        busy = " **Busy machine: timings marked busy.**" if cost.get("busy") else ""
+        parts.append(
+            f"Cost (`python bench/overhead.py --threads 1 --variants {' '.join(s['variants'])} --steps {s['steps']} "
+            f"--prune_freq {s['prune_freq']}`; {s['batch']} x {s['seq']} tokens per step; every step inside a "
+            "statistics window, the worst case; load at start/end "
+            f"{_load(cost.get('load_average_at_start'))} / {_load(cost.get('load_average_at_end'))}).{busy} "
+            "`pruning_s_mean` averages the callback's time over all steps, mask updates and refits included:\n")
+        parts.append(md_table(cost["rows"], [c for c in ("variant", "step_s", "peak_rss_mib", "step_time_ratio",
+                                                          "peak_memory_ratio", "pruning_s_per_step", "pruning_s_mean")
+                                             if any(c in r for r in cost["rows"])], fmt="{:.3f}") + "\n")
+
+
 def section_overhead(parts):
     o = load("overhead_cpu.json")
     parts.append("## Step cost: criteria and distillation against plain LoRA fine-tuning\n")
@@ -811,6 +902,7 @@ def main():
              "script has flags to scale up on a GPU (see its `--help`). Every table names the command that made it "
              "and the machine's load while it ran.\n"]
     section_grid(parts)
+    section_compensation(parts)
     section_spread(parts)
     section_zeroshot(parts)
     section_speed(parts)
