@@ -48,6 +48,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+from loraprune_trainer.data import portable_path  # noqa: E402
 
 # Criterion variants: name -> LoRAPruneConfig fields. `lora-authors` is the authors' code: |G * W'| with
 # each matrix's unit scores L2-normalised before the group sum.
@@ -221,7 +222,7 @@ def load_c4_validation(num_docs: int) -> tuple[str, dict]:
         newlines = "CRLF/CR normalised to LF"
     with open(path, "rb") as f:
         file_sha = hashlib.sha256(f.read()).hexdigest()
-    meta = {"source": "c4", "path": os.path.abspath(path), "split": "validation",
+    meta = {"source": "c4", "path": portable_path(path), "split": "validation",
             "join": f"first {len(used)} records' \"text\" joined with \\n\\n", "newlines": newlines,
             "sha256": file_sha, "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
             "num_chars": len(text), "num_docs": len(used), "num_docs_in_file": len(docs), "c4_docs": num_docs,
@@ -652,9 +653,15 @@ def distill_alpha(run) -> float:
     return (run.get("settings") or {}).get("distill_alpha") or 0.0
 
 
+def compensation(run) -> str:
+    """The compensation a run pruned with (``none`` for runs from before the setting existed)."""
+    return (run.get("settings") or {}).get("compensation") or "none"
+
+
 def beats_baselines(runs) -> dict:
     """Per ratio, mode, distillation weight and metric: does ``lora`` have the lowest perplexity among the
-    criteria run with the same settings?"""
+    criteria run with the same settings? Compensated runs are a different method and stay out."""
+    runs = [r for r in runs if compensation(r) == "none"]
     lines, cells = [], []
     for ratio in sorted({r["ratio"] for r in runs if r["ratio"]}):
         for mode in ("iterative", "oneshot"):
@@ -688,6 +695,7 @@ def plot(runs, dense, path):
     metric = "wikitext2/llm-pruner"
     series = [("iterative", False, "prune while fine-tuning"), ("iterative", True, "prune while fine-tuning + distillation"),
               ("oneshot", False, "one-shot, then fine-tune")]
+    runs = [r for r in runs if compensation(r) == "none"]  # one bar per criterion: the plain runs
     series = [s for s in series if any(r["mode"] == s[0] and _distilled(r) == s[1] for r in runs)]
     width = 0.8 / max(1, len(series))
     fig, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 4), squeeze=False)
@@ -742,7 +750,8 @@ def plot_curves(runs, path) -> str | None:
         for r in group:
             points = r["curve"]
             ax.plot([p["tokens_seen"] for p in points], [p["perplexity"] for p in points], marker="o", ms=2.5, lw=1.2,
-                    ls="--" if _distilled(r) else "-", color=colours.get(r["criterion"]), label=r["run"])
+                    ls="--" if _distilled(r) else ("-." if compensation(r) != "none" else "-"),
+                    color=colours.get(r["criterion"]), label=r["run"])
         if dense:
             ax.axhline(dense["curve"][0]["perplexity"], color="k", ls=":", lw=1, label="dense")
         ax.set_yscale("log")

@@ -23,7 +23,7 @@ def rewrite(text: str, checkout: str, data_dir: str | None) -> str:
         text = text.replace(data_dir.rstrip("/"), "$LORAPRUNE_DATA_DIR")
     text = text.replace(checkout + "/", "")
     text = re.sub(re.escape(checkout) + r'(?=["\s,])', ".", text)
-    return re.sub(r"/tmp/tmp[A-Za-z0-9_]+", "<tmp>", text)
+    return re.sub(r"(?:\.\./)*(?:\.\.)?/tmp/tmp[A-Za-z0-9_]+", "<tmp>", text)
 
 
 def main(argv=None):
