@@ -746,9 +746,10 @@ def section_spread(parts):
     if spread["pairs"]:
         parts.append(
             "Grid runs repeated with the identical command on another machine of the same kind (`bench/results/"
-            "grid_rerun/`, models saved, zero-shot on 500 items of all seven tasks, so these rows have HellaSwag and "
-            "a paper mean). The first run's saved models were gone, so this is also the only way their HellaSwag "
-            "column could be filled: the rerun's models are not the first run's.\n")
+            "grid_rerun/`, models saved to `.bench_models/grid_rerun`). The first run's saved models were gone, so "
+            "a rerun is the way to fill their HellaSwag column (`bench/quality_zeroshot.py --out "
+            "bench/results/grid_rerun --models .bench_models/grid_rerun --limit 500`; not run yet where the table "
+            "has no paper mean).\n")
         cols = list(dict.fromkeys(k for row in spread["pairs"] for k in row))
         parts.append(md_table(spread["pairs"], cols, fmt="{:.1f}") + "\n")
         parts.append(
