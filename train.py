@@ -75,7 +75,10 @@ def forward_latency_ms(model, batch_size: int = 1, seq_len: int = 128, repeats: 
     return 1000 * sorted(times)[len(times) // 2]
 
 
-def main(script_args: ScriptArguments, training_args: LoRAPruneConfig, model_args: ModelConfig) -> dict:
+def main(script_args: ScriptArguments, training_args: LoRAPruneConfig, model_args: ModelConfig,
+         callbacks: list | None = None) -> dict:
+    """Train, prune, export and evaluate; returns the summary (also written to ``<output_dir>/summary.json``).
+    ``callbacks``: extra ``TrainerCallback``s (e.g. a benchmark's perplexity curve)."""
     if not script_args.dataset_name:
         raise ValueError("--dataset_name is required: a Hub dataset or a local file/folder.")
     if not model_args.model_name_or_path:
@@ -107,7 +110,7 @@ def main(script_args: ScriptArguments, training_args: LoRAPruneConfig, model_arg
     summary["forward_ms_before"] = forward_latency_ms(model) if accelerator_main else None
 
     trainer = LoRAPruneTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                               peft_config=peft_config)
+                               peft_config=peft_config, callbacks=callbacks)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     summary["train_loss"] = train_result.training_loss
     # Training alone (model loading, evaluation and export excluded): what the step rate is on this machine.
@@ -129,6 +132,8 @@ def main(script_args: ScriptArguments, training_args: LoRAPruneConfig, model_arg
 
     pruned = AutoModelForCausalLM.from_pretrained(pruned_dir)  # stock loading, as a user would
     summary["parameters"] = report["parameters"]
+    summary["decoder_layers"] = {"before": len(report["kept_layers"]) + len(report["removed_layers"]),
+                                 "after": len(report["kept_layers"]), "removed": report["removed_layers"]}
     summary["pruned_dir"] = portable_path(pruned_dir)
     summary["forward_ms_after"] = forward_latency_ms(pruned)
     if eval_text:
@@ -150,6 +155,8 @@ def print_summary(summary: dict) -> None:
         ("parameters (whole model)", f"{p['model_before']:,}", f"{p['model_after']:,}", f"{p['model_ratio']:.3f}"),
         ("parameters (decoder layers)", f"{p['decoder_layers_before']:,}", f"{p['decoder_layers_after']:,}",
          f"{p['decoder_layers_ratio']:.3f}"),
+        ("decoder layers", str(summary["decoder_layers"]["before"]), str(summary["decoder_layers"]["after"]),
+         f"{summary['decoder_layers']['after'] / summary['decoder_layers']['before']:.3f}"),
         ("forward ms (1 x 128 tokens)", f"{summary['forward_ms_before']:.1f}", f"{summary['forward_ms_after']:.1f}",
          f"{summary['forward_ms_after'] / summary['forward_ms_before']:.3f}"),
     ]

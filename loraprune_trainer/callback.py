@@ -48,8 +48,17 @@ class LoRAPruneCallback(TrainerCallback):
         # Scores after the final step's ramp are not used: skip their cost during recovery.
         if self.schedule is not None and state.global_step + 1 > self.schedule.ramp_end:
             return
-        scores = self.pruner.criterion.score(self.pruner.structure)
+        structure, layer_keep = self.pruner.structure, self.pruner.pruning_state.layer_keep
+        if not bool(layer_keep.all()):  # removed layers have no gradients; their width scores no longer matter
+            structure = structure.only_layers(layer_keep)
+        scores = self.pruner.criterion.score(structure)
         self.pruner.pruning_state.update_scores(scores, args.ema_lambda)
+        layer_scorer = getattr(self.pruner, "layer_scorer", None)
+        if layer_scorer is not None:
+            layer_scores = layer_scorer.score()
+            if layer_scores is not None:
+                self.pruner.pruning_state.update_layer_scores(layer_scores,
+                                                              args.ema_lambda if layer_scorer.ema else 0.0)
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step

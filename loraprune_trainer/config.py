@@ -8,6 +8,7 @@ from trl import SFTConfig
 
 from .compensation import COMPENSATIONS
 from .criteria import CRITERIA, SCORE_FORMS
+from .depth import LAYER_CRITERIA
 from .distill import DISTILL_TEACHERS
 from .schedule import SCHEDULES
 from .structure import ATTENTION_UNITS
@@ -74,6 +75,20 @@ class LoRAPruneConfig(SFTConfig):
             Fraction of training steps before the first unit is pruned (scores accumulate meanwhile).
         pruning_cooldown_ratio (`float`, defaults to `0.1`):
             Fraction of training steps at the end with the full target pruned (recovery fine-tuning).
+
+        > Whole decoder layers (depth pruning, see `loraprune_trainer.depth`)
+
+        layer_pruning_ratio (`float`, defaults to `0.0`):
+            Fraction of the decoder layers to remove (rounded half up; at least one layer stays). A removed layer
+            adds neither its attention nor its MLP output to the residual stream; the export drops it and
+            renumbers the rest. With `param_pruning_ratio`, the removed layers count toward the budget and heads
+            and channels of the kept layers make up the rest (a budget the layers alone exceed is an error).
+        layer_criterion (`str`, defaults to `"taylor_gate"`):
+            `"taylor_gate"`: the exact first-order loss change of removing a layer, from a gate on its two residual
+            contributions (gradient summed over the step, squared, moving average); layers go along the cubic
+            schedule. `"block_influence"`: ShortGPT's 1 - cos(h_in, h_out), averaged over the training tokens
+            before the first mask update; `"last"`: the layers just before the final one. Both remove all their
+            layers at the first mask update (one-shot, then the fine-tune recovers).
 
         > Compensating each cut (see `loraprune_trainer.compensation`)
 
@@ -145,6 +160,18 @@ class LoRAPruneConfig(SFTConfig):
         default=0.1, metadata={"help": "Fraction of training steps at the end with the full target pruned."}
     )
 
+    layer_pruning_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of whole decoder layers to remove (depth pruning), in [0, 1); counts toward "
+                          "`param_pruning_ratio` when that is set."},
+    )
+    layer_criterion: str = field(
+        default="taylor_gate",
+        metadata={"help": "How layers are chosen: `taylor_gate` (gate gradients, while training, cubic schedule), "
+                          "`block_influence` (ShortGPT) or `last` (the layers before the final one), both all at the "
+                          "first mask update.", "choices": list(LAYER_CRITERIA)},
+    )
+
     compensation: str = field(
         default="none",
         metadata={"help": "Refit the consumer (down_proj / o_proj) of removed units at every mask update.",
@@ -199,6 +226,10 @@ class LoRAPruneConfig(SFTConfig):
                 "`pruning_warmup_ratio + pruning_cooldown_ratio` must be < 1 so that some steps prune, got "
                 f"{self.pruning_warmup_ratio} + {self.pruning_cooldown_ratio}"
             )
+        if not 0.0 <= self.layer_pruning_ratio < 1.0:
+            raise ValueError(f"`layer_pruning_ratio` must be in [0, 1), got {self.layer_pruning_ratio}")
+        if self.layer_criterion not in LAYER_CRITERIA:
+            raise ValueError(f"`layer_criterion` must be one of {LAYER_CRITERIA}, got {self.layer_criterion!r}")
         if self.compensation not in COMPENSATIONS:
             raise ValueError(f"`compensation` must be one of {COMPENSATIONS}, got {self.compensation!r}")
         if not (isinstance(self.compensation_batches, int) and self.compensation_batches >= 1):
@@ -221,6 +252,6 @@ class LoRAPruneConfig(SFTConfig):
             "pruning_ratio", "attention_pruning_ratio", "mlp_pruning_ratio", "param_pruning_ratio", "attention_unit",
             "pruning_criterion", "score_form", "normalize_scores", "ema_lambda", "prune_freq", "pruning_schedule",
             "pruning_warmup_ratio", "pruning_cooldown_ratio", "distill_alpha", "distill_temperature", "distill_teacher",
-            "compensation", "compensation_batches", "compensation_lambda",
+            "compensation", "compensation_batches", "compensation_lambda", "layer_pruning_ratio", "layer_criterion",
         ]
         return {n: getattr(self, n) for n in names}

@@ -73,7 +73,7 @@ def _world() -> int:
 def sync_pruning_state(pruning_state, device: torch.device | str = "cpu") -> int:
     """Overwrite every rank's masks and moving-average scores with rank 0's.
 
-    Two broadcasts of ``sum(num_units)`` elements (uint8 masks, float32 scores) on ``device`` (the
+    Two broadcasts of ``sum(num_units) + num_layers`` elements (uint8 masks, float32 scores) on ``device`` (the
     process group's device: CUDA for NCCL). Returns the number of mask entries in which this rank
     differed from rank 0 before the broadcast (0 when the scores were deterministic); warns if any.
     A no-op returning 0 outside a multi-process run.
@@ -82,9 +82,11 @@ def sync_pruning_state(pruning_state, device: torch.device | str = "cpu") -> int
         return 0
     dist = torch.distributed
     names = sorted(pruning_state.groups)
-    sizes = [pruning_state.groups[n].num_units for n in names]
-    keep = torch.cat([pruning_state.keep[n].to(torch.uint8) for n in names]).to(device)  # [sum(num_units)]
-    scores = torch.cat([pruning_state.scores[n] for n in names]).to(device)  # [sum(num_units)]
+    sizes = [pruning_state.groups[n].num_units for n in names] + [pruning_state.layer_keep.numel()]
+    # [sum(num_units) + num_layers]: the width masks, then the layer mask
+    keep = torch.cat([pruning_state.keep[n].to(torch.uint8) for n in names]
+                     + [pruning_state.layer_keep.to(torch.uint8)]).to(device)
+    scores = torch.cat([pruning_state.scores[n] for n in names] + [pruning_state.layer_scores]).to(device)
     local = keep.clone()
     dist.broadcast(keep, src=0)
     dist.broadcast(scores, src=0)
@@ -95,8 +97,8 @@ def sync_pruning_state(pruning_state, device: torch.device | str = "cpu") -> int
             "(non-deterministic scores); rank 0's masks are used.",
             stacklevel=2,
         )
-    for name, k, s in zip(names, keep.cpu().split(sizes), scores.cpu().split(sizes)):
-        pruning_state.keep[name].copy_(k.bool())
-        pruning_state.scores[name].copy_(s)
+    for name, k, s in zip(names + [None], keep.cpu().split(sizes), scores.cpu().split(sizes)):
+        (pruning_state.keep[name] if name else pruning_state.layer_keep).copy_(k.bool())
+        (pruning_state.scores[name] if name else pruning_state.layer_scores).copy_(s)
     pruning_state.version += 1  # cached mask tensors in the hooks must be rebuilt
     return differing

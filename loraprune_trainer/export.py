@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .criteria import dense_base_weight, lora_parts
+from .depth import LAYERS, sliced_layer_config
 from .masks import MaskHooks, PruningState
 from .structure import ROWS, _unwrap, discover_structure
 
@@ -126,8 +127,11 @@ def build_pruned_state(model, pruning_state: PruningState, dtype: torch.dtype | 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     before = {"model": _count(state, tied=tied), "decoder_layers": _count(state, ".layers.")}
 
+    layer_keep = pruning_state.layer_keep
     kept_q_per_kv, kept_kv, kept_mlp = set(), set(), set()
     for name, group in pruning_state.groups.items():
+        if not bool(layer_keep[group.layer_idx]):
+            continue  # the whole layer goes below: its width masks do not matter
         keep = pruning_state.keep[name]
         prefix = layer_names[id(structure.layers[group.layer_idx])]
         if group.kind == "attention":
@@ -159,6 +163,9 @@ def build_pruned_state(model, pruning_state: PruningState, dtype: torch.dtype | 
     new = config.to_dict()
     new.pop("quantization_config", None)
     new.update(head_dim=structure.head_dim, intermediate_size=intermediate)
+    kept_layers = layer_keep.nonzero().flatten().tolist()
+    if len(kept_layers) < structure.num_layers:
+        new = sliced_layer_config(new, kept_layers, structure.num_layers)
     bias_flags = _bias_flags(state, new)
     new.update(bias_flags)
     base_config = type(config).from_dict({**new, "num_attention_heads": structure.num_heads,
@@ -166,13 +173,16 @@ def build_pruned_state(model, pruning_state: PruningState, dtype: torch.dtype | 
     padded_per_kv, new_config = _loadable_head_count(base_config, num_kv, q_per_kv)
     if padded_per_kv != q_per_kv:
         for name, group in pruning_state.groups.items():
-            if group.kind != "attention":
+            if group.kind != "attention" or not bool(layer_keep[group.layer_idx]):
                 continue
             prefix = layer_names[id(structure.layers[group.layer_idx])]
             for proj, dim in (("q_proj.weight", 0), ("q_proj.bias", 0), ("o_proj.weight", 1)):
                 key = f"{prefix}.self_attn.{proj}"
                 if key in state:
                     state[key] = _pad_heads(state[key], dim, num_kv, q_per_kv, padded_per_kv, structure.head_dim)
+    if len(kept_layers) < structure.num_layers:
+        prefixes = [layer_names[id(layer)] for layer in structure.layers]
+        state = _drop_and_renumber_layers(state, prefixes, kept_layers)
     if bias_flags:
         _add_zero_biases(state, new_config)
     target_dtype = dtype or getattr(config, "dtype", None) or next(hf.parameters()).dtype
@@ -185,10 +195,34 @@ def build_pruned_state(model, pruning_state: PruningState, dtype: torch.dtype | 
         "num_key_value_heads": num_kv,
         "intermediate_size": intermediate,
         "zero_heads_added_for_config": num_kv * (padded_per_kv - q_per_kv),
+        "num_hidden_layers": len(kept_layers),
+        "kept_layers": kept_layers,
         "dtype": str(target_dtype).replace("torch.", ""),
         "parameters_before": before,
     }
     return state, new_config, info
+
+
+def _drop_and_renumber_layers(state: dict[str, torch.Tensor], prefixes: list[str], kept: list[int]):
+    """``state`` without the tensors of removed decoder layers, the kept ones renumbered 0..len(kept)-1.
+    ``prefixes[i]`` is layer ``i``'s module name (``model.layers.i``); the layer list's own name is the
+    part before the final index."""
+    out = {}
+    owner = {}
+    for idx, prefix in enumerate(prefixes):
+        owner[prefix + "."] = idx
+    new_index = {old: new for new, old in enumerate(kept)}
+    for key, tensor in state.items():
+        match = next((p for p in owner if key.startswith(p)), None)
+        if match is None:
+            out[key] = tensor
+            continue
+        idx = owner[match]
+        if idx not in new_index:
+            continue  # a removed layer
+        list_name = match[:-1].rpartition(".")[0]
+        out[f"{list_name}.{new_index[idx]}.{key[len(match):]}"] = tensor
+    return out
 
 
 # Which config flag gives a Llama-family consumer a bias: it gives every projection of its kind one.
@@ -300,10 +334,15 @@ def save_pruned_model(model, pruning_state: PruningState, output_dir: str, token
     p["model_ratio"] = p["model_after"] / p["model_before"]
     p["decoder_layers_ratio"] = p["decoder_layers_after"] / p["decoder_layers_before"]
     structure = pruning_state.structure
+    report["kept_layers"] = info["kept_layers"]
+    report["removed_layers"] = [i for i in range(structure.num_layers) if i not in info["kept_layers"]]
     for attn, mlp in zip(structure.attention, structure.mlp):
+        if attn.layer_idx not in info["kept_layers"]:
+            continue
         kept_units = pruning_state.kept_indices(attn.name)
         report["layers"].append({
             "layer": attn.layer_idx,
+            "exported_as": info["kept_layers"].index(attn.layer_idx),
             "attention_units_kept": kept_units.tolist(),
             "query_heads_kept": int(kept_units.numel() * attn.heads_per_unit),
             "mlp_channels_kept": int(pruning_state.keep[mlp.name].sum()),
@@ -330,8 +369,9 @@ def save_adapter_and_masks(model, pruning_state: PruningState, output_dir: str, 
         model.save_pretrained(tmp)
         if consumers:
             save_file({k: v.contiguous() for k, v in consumers.items()}, os.path.join(tmp, CONSUMERS_NAME))
-        save_file({f"keep.{n}": k.to(torch.uint8) for n, k in pruning_state.keep.items()},
-                  os.path.join(tmp, MASKS_NAME))
+        masks = {f"keep.{n}": k.to(torch.uint8) for n, k in pruning_state.keep.items()}
+        masks[f"keep.{LAYERS}"] = pruning_state.layer_keep.to(torch.uint8)
+        save_file(masks, os.path.join(tmp, MASKS_NAME))
         with open(os.path.join(tmp, PRUNING_CONFIG_NAME), "w") as f:
             json.dump({"attention_unit": structure.attention_unit, "num_layers": structure.num_layers,
                        "settings": settings}, f, indent=2)
@@ -356,10 +396,15 @@ def load_masked_model(base_model, adapter_dir: str):
             raise ValueError(f"Mask {name} does not fit this base model: {tuple(masks[f'keep.{name}'].shape)} "
                              f"vs {tuple(state.keep[name].shape)}")
         state.keep[name].copy_(masks[f"keep.{name}"].bool())
+    if f"keep.{LAYERS}" in masks:  # folders written before depth pruning have no layer mask: all kept
+        if masks[f"keep.{LAYERS}"].shape != state.layer_keep.shape:
+            raise ValueError(f"The layer mask has {masks[f'keep.{LAYERS}'].numel()} layers, this base model "
+                             f"{state.layer_keep.numel()}.")
+        state.layer_keep.copy_(masks[f"keep.{LAYERS}"].bool())
     state.version += 1
     consumers_file = os.path.join(adapter_dir, CONSUMERS_NAME)
     if os.path.isfile(consumers_file):  # compensation refitted these base weights: put them back
         from .compensation import load_consumer_tensors
 
         load_consumer_tensors(structure, load_file(consumers_file))
-    return peft_model, state, MaskHooks(state)
+    return peft_model, state, MaskHooks(state, layers=not bool(state.layer_keep.all()))

@@ -19,13 +19,18 @@ from .structure import COLUMNS, ModelStructure, UnitGroup, unit_parameters
 
 class PruningState:
     """Per group: ``keep[name]`` BoolTensor[num_units] and ``scores[name]`` float32 [num_units]
-    (the moving average of Eq. 11: ``S <- lambda S + (1 - lambda) I``)."""
+    (the moving average of Eq. 11: ``S <- lambda S + (1 - lambda) I``). Whole decoder layers
+    (:mod:`loraprune_trainer.depth`): ``layer_keep`` BoolTensor[num_layers] and ``layer_scores``
+    float32 [num_layers]; a removed layer's width masks no longer matter."""
 
     def __init__(self, structure: ModelStructure):
         self.structure = structure
         self.groups = {g.name: g for g in structure.groups()}
         self.keep = {n: torch.ones(g.num_units, dtype=torch.bool) for n, g in self.groups.items()}
         self.scores = {n: torch.zeros(g.num_units, dtype=torch.float32) for n, g in self.groups.items()}
+        self.layer_keep = torch.ones(structure.num_layers, dtype=torch.bool)
+        self.layer_scores = torch.zeros(structure.num_layers, dtype=torch.float32)
+        self.layer_stats: dict[str, torch.Tensor] = {}  # running sums of a layer criterion (block influence)
         self.num_score_updates = 0
         self.version = 0  # bumped whenever a mask changes, so hooks refresh their cached tensors
 
@@ -45,7 +50,31 @@ class PruningState:
         self.num_score_updates += 1
         return True
 
+    def update_layer_scores(self, scores: torch.Tensor, ema_lambda: float) -> bool:
+        """Fold one step's layer scores ``[num_layers]`` into ``layer_scores`` (``ema_lambda=0`` replaces
+        them); skip (return False) if any is not finite."""
+        if not torch.isfinite(scores).all():
+            warnings.warn("Skipping a layer importance update: non-finite scores.", stacklevel=2)
+            return False
+        self.layer_scores.mul_(ema_lambda).add_(scores.detach().float().cpu(), alpha=1.0 - ema_lambda)
+        return True
+
     # -- masks ---------------------------------------------------------------------------------
+    def num_pruned_layers(self) -> int:
+        return int((~self.layer_keep).sum())
+
+    def prune_layers_to(self, count: int) -> list[int]:
+        """Remove decoder layers, lowest ``layer_scores`` first among those kept, until ``count`` are
+        removed (masks only grow). Returns the newly removed layer indices."""
+        need = count - self.num_pruned_layers()
+        if need <= 0:
+            return []
+        candidates = self.layer_scores.masked_fill(~self.layer_keep, float("inf"))
+        newly = torch.argsort(candidates, stable=True)[:need]
+        self.layer_keep[newly] = False
+        self.version += 1
+        return sorted(newly.tolist())
+
     def num_pruned(self, name: str) -> int:
         return int((~self.keep[name]).sum())
 
@@ -84,6 +113,9 @@ class PruningState:
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"keep.{n}": k.clone() for n, k in self.keep.items()}
         out.update({f"scores.{n}": s.clone() for n, s in self.scores.items()})
+        out.update({f"layer_stats.{k}": v.clone() for k, v in self.layer_stats.items()})
+        out["keep.layers"] = self.layer_keep.clone()
+        out["scores.layers"] = self.layer_scores.clone()
         out["num_score_updates"] = torch.tensor(self.num_score_updates)
         return out
 
@@ -94,6 +126,15 @@ class PruningState:
                                  f"{tuple(self.keep[n].shape)}: it was made for a different model or attention unit.")
             self.keep[n].copy_(state[f"keep.{n}"].bool())
             self.scores[n].copy_(state[f"scores.{n}"].float())
+        if "keep.layers" in state:  # absent from checkpoints written before depth pruning: all layers kept
+            if state["keep.layers"].shape != self.layer_keep.shape:
+                raise ValueError(f"Saved layer mask has {state['keep.layers'].numel()} layers, the model "
+                                 f"{self.layer_keep.numel()}: it was made for a different model.")
+            self.layer_keep.copy_(state["keep.layers"].bool())
+            self.layer_scores.copy_(state["scores.layers"].float())
+        for key, value in state.items():
+            if key.startswith("layer_stats."):
+                self.layer_stats[key[len("layer_stats."):]] = value.clone()
         self.num_score_updates = int(state["num_score_updates"])
         self.version += 1
 
@@ -110,9 +151,16 @@ class PruningState:
         return sum(self.num_pruned(n) for n, g in self.groups.items() if g.kind == "mlp")
 
     def removed_parameters(self) -> int:
-        """Base-model parameters (weights and biases) that cutting the pruned units removes."""
-        return sum(self.num_pruned(name) * unit_parameters(self.structure, group)
-                   for name, group in self.groups.items())
+        """Base-model parameters (weights and biases) that cutting the pruned units and dropping the
+        removed layers removes (a removed layer counts whole, its pruned units not again)."""
+        from .depth import layer_parameters
+
+        removed = 0
+        for idx in range(self.structure.num_layers):
+            if not bool(self.layer_keep[idx]):
+                removed += layer_parameters(self.structure, idx)
+        return removed + sum(self.num_pruned(name) * unit_parameters(self.structure, group)
+                             for name, group in self.groups.items() if bool(self.layer_keep[group.layer_idx]))
 
 
 def _expanded_mask(group: UnitGroup, keep: torch.Tensor, member_unit_size: int) -> torch.Tensor:
@@ -121,9 +169,11 @@ def _expanded_mask(group: UnitGroup, keep: torch.Tensor, member_unit_size: int) 
 
 class MaskHooks:
     """Forward pre-hooks that zero the input columns of every group's column member
-    (``o_proj`` per head, ``down_proj`` per channel). Remove with :meth:`remove`."""
+    (``o_proj`` per head, ``down_proj`` per channel); with ``layers=True`` also forward hooks that
+    zero the attention and MLP outputs of removed decoder layers (the layer becomes the identity).
+    Remove with :meth:`remove`."""
 
-    def __init__(self, state: PruningState):
+    def __init__(self, state: PruningState, layers: bool = False):
         self.state = state
         self.enabled = True
         self.handles = []
@@ -133,6 +183,22 @@ class MaskHooks:
                 if member.dim == COLUMNS:
                     module = state.structure.module(group, member)
                     self.handles.append(module.register_forward_pre_hook(self._make_hook(name, group, member)))
+        if layers:
+            from .depth import residual_branches
+
+            for idx, layer in enumerate(state.structure.layers):
+                for branch in residual_branches(layer):
+                    self.handles.append(branch.register_forward_hook(self._make_layer_hook(idx)))
+
+    def _make_layer_hook(self, idx: int):
+        from .depth import zero_output
+
+        def hook(module: nn.Module, args, output):
+            if not self.enabled or bool(self.state.layer_keep[idx]):
+                return None
+            return zero_output(output)
+
+        return hook
 
     def _make_hook(self, name: str, group: UnitGroup, member):
         def hook(module: nn.Module, args):

@@ -28,6 +28,7 @@ from .compensation import (COMPENSATIONS, MomentAccumulator, check_bias_supporte
                            consumer_name, consumer_tensors, ensure_bias, load_consumer_tensors)
 from .criteria import build_criterion
 from .criteria.common import base_linear
+from .depth import BlockInfluenceScorer, LayerGateScorer, build_layer_scorer, final_layer_count
 from .masks import PruningState
 from .schedule import final_prune_count
 from .structure import _unwrap, discover_structure
@@ -67,9 +68,16 @@ def calibration_batches(tokenizer, texts: list[str], max_length: int = 128, batc
     return batches
 
 
-def _score(peft_model, structure, criterion, batches):
+def _score(peft_model, structure, criterion, batches, layer_scorer=None, state=None):
+    """Width scores ``{group: [num_units]}`` and, with ``layer_scorer``, layer scores ``[num_layers]`` (else
+    ``None``) from one pass over ``batches`` (with a backward where any of them needs gradients)."""
     needs_data, needs_grad = criterion.needs_data, criterion.needs_gradients
+    if isinstance(layer_scorer, (LayerGateScorer, BlockInfluenceScorer)):
+        needs_data = True
+        needs_grad = needs_grad or isinstance(layer_scorer, LayerGateScorer)
     criterion.attach(structure, peft_model)
+    if layer_scorer is not None:
+        layer_scorer.attach(structure, accept=lambda: True, state=state)  # every calibration forward counts
     device = next(peft_model.parameters()).device
     was_training = peft_model.training
     peft_model.train()  # Wanda counts training-mode forwards only; LLaMA has no dropout besides LoRA's
@@ -84,11 +92,15 @@ def _score(peft_model, structure, criterion, batches):
                     with torch.no_grad():
                         peft_model(**b)
         scores = criterion.score(structure)
+        layer_scores = layer_scorer.score() if layer_scorer is not None else None
     finally:
         peft_model.zero_grad(set_to_none=True)
         criterion.detach()
+        if layer_scorer is not None:
+            layer_scorer.detach()
         peft_model.train(was_training)
-    return scores
+    return scores, layer_scores
+
 
 
 def compact_model(model: nn.Module, pruning_state: PruningState, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict]:
@@ -104,8 +116,10 @@ def compact_model(model: nn.Module, pruning_state: PruningState, dtype: torch.dt
 def oneshot_scores(model: nn.Module, tokenizer, calibration_texts: list[str] | None = None, criterion: str = "lora",
                    attention_unit: str = "kv_group", max_length: int = 128, batch_size: int = 4,
                    score_form: str = "square", normalize_scores: bool = False, seed: int = 0,
-                   lora_config=None) -> "ScoredModel":
+                   lora_config=None, layer_criterion: str | None = None) -> "ScoredModel":
     """Score every unit of ``model`` once with ``criterion``; nothing is pruned yet.
+    With ``layer_criterion`` (:data:`~loraprune_trainer.depth.LAYER_CRITERIA`) the decoder layers are scored
+    too, in the same pass (``.state.layer_scores``: Tensor[num_layers]).
 
     ``model`` is a plain transformers causal LM; a fresh LoRA adapter (``lora_config``, default
     :func:`default_lora_config` with dropout 0 so scoring is deterministic) is injected for scoring.
@@ -122,9 +136,11 @@ def oneshot_scores(model: nn.Module, tokenizer, calibration_texts: list[str] | N
     crit = build_criterion(criterion, score_form, normalize_scores)
     if hasattr(crit, "generator"):
         crit.generator.manual_seed(seed)
-    needs_data = crit.needs_data
+    layer_scorer = build_layer_scorer(layer_criterion, score_form) if layer_criterion else None
+    needs_data = crit.needs_data or isinstance(layer_scorer, (LayerGateScorer, BlockInfluenceScorer))
     if needs_data and not calibration_texts:
-        raise ValueError(f"The `{criterion}` criterion needs calibration samples: pass `calibration_texts`.")
+        which = f"`{criterion}` criterion" if crit.needs_data else f"`{layer_criterion}` layer criterion"
+        raise ValueError(f"The {which} needs calibration samples: pass `calibration_texts`.")
     batches = calibration_batches(tokenizer, calibration_texts, max_length, batch_size) if needs_data else []
 
     if lora_config is None:
@@ -135,12 +151,15 @@ def oneshot_scores(model: nn.Module, tokenizer, calibration_texts: list[str] | N
     scored = ScoredModel(None, peft_model, requires_grad)
     try:
         structure = discover_structure(peft_model, attention_unit)
-        scores = _score(peft_model, structure, crit, batches)
+        state = PruningState(structure)
+        scores, layer_scores = _score(peft_model, structure, crit, batches, layer_scorer, state)
     except BaseException:
         scored.release()
         raise
-    scored.state = PruningState(structure)
+    scored.state = state
     scored.state.update_scores(scores, ema_lambda=0.0)  # lambda 0: the state holds exactly these scores
+    if layer_scores is not None:
+        scored.state.update_layer_scores(layer_scores, ema_lambda=0.0)
     return scored
 
 
@@ -162,13 +181,17 @@ class ScoredModel:
         return restored
 
 
-def prune_by_scores(state: PruningState, attention_ratio: float, mlp_ratio: float) -> dict[str, int]:
+def prune_by_scores(state: PruningState, attention_ratio: float, mlp_ratio: float,
+                    layer_ratio: float = 0.0) -> dict[str, int]:
     """Grow every mask of ``state`` to the target in one go (lowest scores first, evenly over KV
-    groups where units share them); returns ``{group name: units pruned}``."""
+    groups where units share them; ``layer_ratio`` of the decoder layers by ``state.layer_scores``);
+    returns ``{group name: units pruned}``."""
     counts = {}
     for name, group in state.groups.items():
         counts[name] = final_prune_count(group, attention_ratio if group.kind == "attention" else mlp_ratio)
         state.prune_to(name, counts[name])
+    if layer_ratio:
+        state.prune_layers_to(final_layer_count(state.structure.num_layers, layer_ratio))
     return counts
 
 
@@ -176,10 +199,13 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
                   pruning_ratio: float = 0.5, attention_ratio: float | None = None, mlp_ratio: float | None = None,
                   attention_unit: str = "kv_group", max_length: int = 128, batch_size: int = 4,
                   score_form: str = "square", normalize_scores: bool = False, seed: int = 0,
-                  lora_config=None, compensation: str = "none", compensation_lambda: float = 0.1) -> OneShotResult:
+                  lora_config=None, compensation: str = "none", compensation_lambda: float = 0.1,
+                  layer_ratio: float = 0.0, layer_criterion: str = "taylor_gate") -> OneShotResult:
     """Score ``model`` once with ``criterion`` (:func:`oneshot_scores`), prune to the target and
     return the compact pruned model. ``model`` is left as it was (same weights, no adapter).
-    Ratios are per layer, rounded exactly as the trainer rounds them.
+    Ratios are per layer, rounded exactly as the trainer rounds them. ``layer_ratio``: the share of
+    whole decoder layers removed as well, chosen by ``layer_criterion`` (as in the trainer's
+    ``layer_pruning_ratio`` / ``layer_criterion``).
 
     ``compensation`` (``"none"``, ``"lstsq"``, ``"bias"``) and ``compensation_lambda``: as in
     :class:`~loraprune_trainer.config.LoRAPruneConfig`; the statistics come from the calibration
@@ -194,17 +220,23 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
                          "`calibration_texts`.")
     attn_ratio = pruning_ratio if attention_ratio is None else attention_ratio
     mlp_r = pruning_ratio if mlp_ratio is None else mlp_ratio
-    for name, value in (("pruning_ratio", pruning_ratio), ("attention_ratio", attn_ratio), ("mlp_ratio", mlp_r)):
+    for name, value in (("pruning_ratio", pruning_ratio), ("attention_ratio", attn_ratio), ("mlp_ratio", mlp_r),
+                        ("layer_ratio", layer_ratio)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"`{name}` must be in [0, 1), got {value}")
+    if layer_ratio:
+        num_layers = getattr(_unwrap(model).config, "num_hidden_layers", None)
+        if num_layers:
+            final_layer_count(num_layers, layer_ratio)  # at least one layer must stay: fail before scoring
     scored = oneshot_scores(model, tokenizer, calibration_texts, criterion, attention_unit, max_length, batch_size,
-                            score_form, normalize_scores, seed, lora_config)
+                            score_form, normalize_scores, seed, lora_config,
+                            layer_criterion=layer_criterion if layer_ratio else None)
     state = scored.state
     records, undo = [], None
     try:
         structure = state.structure
         before = {n: k.clone() for n, k in state.keep.items()}
-        counts = prune_by_scores(state, attn_ratio, mlp_r)
+        counts = prune_by_scores(state, attn_ratio, mlp_r, layer_ratio)
         if compensation != "none":
             undo = {}
             records = _compensate_calibrated(scored.peft_model, structure, before, state.keep, compensation,
@@ -232,6 +264,9 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
         "num_attention_heads": info["num_attention_heads"],
         "num_key_value_heads": info["num_key_value_heads"],
         "intermediate_size": info["intermediate_size"],
+        "layer_ratio": layer_ratio,
+        "layer_criterion": layer_criterion if layer_ratio else None,
+        "kept_layers": info["kept_layers"],
         "compensation": compensation,
         "compensation_lambda": compensation_lambda if compensation == "lstsq" else None,
         "compensation_history": records,

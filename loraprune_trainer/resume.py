@@ -33,7 +33,8 @@ COMPENSATION_STATE_NAME = "compensation_state.safetensors"
 COMPENSATION_META_NAME = "compensation_state.json"
 
 # Settings added after checkpoints were first written, with the value that reproduces the older runs.
-_LATER_SETTINGS = {"compensation": "none", "compensation_batches": 8, "compensation_lambda": 0.1}
+_LATER_SETTINGS = {"compensation": "none", "compensation_batches": 8, "compensation_lambda": 0.1,
+                   "layer_pruning_ratio": 0.0, "layer_criterion": "taylor_gate"}
 
 
 class ResumeError(ValueError):

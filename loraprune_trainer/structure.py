@@ -102,6 +102,15 @@ class ModelStructure:
     def module(self, group: UnitGroup, member: GroupMember) -> nn.Module:
         return self.layers[group.layer_idx].get_submodule(member.module)
 
+    def only_layers(self, keep) -> "ModelStructure":
+        """The same structure with the groups of the layers where ``keep[layer]`` is false left out (removed
+        decoder layers get no gradients, so criteria must not score them); ``layers`` stays whole, so
+        indices keep their meaning."""
+        from dataclasses import replace
+
+        return replace(self, attention=[g for g in self.attention if bool(keep[g.layer_idx])],
+                       mlp=[g for g in self.mlp if bool(keep[g.layer_idx])])
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a PeftModel or DDP/FSDP wrapper (or the model itself)."""

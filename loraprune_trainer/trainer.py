@@ -20,7 +20,8 @@ from .distributed import check_distributed_backend
 from .masks import MaskHooks, PruningState
 from .resume import (check_total_steps, load_compensation_checkpoint, load_pruning_checkpoint, resolve_checkpoint,
                      save_compensation_checkpoint, save_pruning_checkpoint)
-from .schedule import PruningSchedule, budget_prune_counts, final_prune_count
+from .depth import build_layer_scorer, final_layer_count, layer_parameters, scheduled_layer_count
+from .schedule import PruningSchedule, UnreachableBudgetError, budget_prune_counts, final_prune_count
 from .structure import (_unwrap, check_supported_config, decoder_parameters, discover_structure,
                         lora_coverage_problems, unit_parameters)
 
@@ -144,9 +145,11 @@ class LoRAPruneTrainer(SFTTrainer):
         if missing and args.pruning_criterion == "lora":
             raise ValueError(f"No LoRA adapter on {missing}; use `target_modules=\"all-linear\"`.")
         self.pruning_state = PruningState(self.structure)
-        self.mask_hooks = MaskHooks(self.pruning_state)
+        self.final_layer_count = final_layer_count(self.structure.num_layers, args.layer_pruning_ratio)
+        self.mask_hooks = MaskHooks(self.pruning_state, layers=self.final_layer_count > 0)
         self.criterion = build_criterion(args.pruning_criterion, args.score_form, args.normalize_scores)
         self.criterion.setup(self)  # criteria that need hooks or extra gradients install them here
+        self.layer_scorer = self._setup_layer_scorer()
         self.final_prune_counts = self._final_prune_counts()
         if args.distill_alpha > 0:
             head_weights(backbone_and_head(self.model)[1])  # refuses a LoRA adapter on the LM head now
@@ -159,6 +162,20 @@ class LoRAPruneTrainer(SFTTrainer):
             from .wandb_logging import WandbPruningCallback  # wandb is optional: import only when reporting to it
 
             self.add_callback(WandbPruningCallback(self))
+
+    def _setup_layer_scorer(self):
+        """The layer criterion (``layer_criterion``), attached after the mask hooks so that its gates see
+        the masked outputs; ``None`` without depth pruning."""
+        if self.final_layer_count == 0:
+            return None
+        scorer = build_layer_scorer(self.args.layer_criterion, self.args.score_form)
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scorer.loss_scale_fn = scaler.get_scale
+        mask_hooks = self.mask_hooks
+        scorer.attach(self.structure, accept=lambda: torch.is_grad_enabled() and mask_hooks.enabled,
+                      state=self.pruning_state)
+        return scorer
 
     def _setup_compensation(self) -> CompensationCallback | None:
         """Checks and setup of ``compensation`` (after ``_params_before``: an added bias is not a base
@@ -205,8 +222,21 @@ class LoRAPruneTrainer(SFTTrainer):
             return {g.name: final_prune_count(g, args.attention_ratio if g.kind == "attention" else args.mlp_ratio)
                     for g in structure.groups()}
         attn, mlp = structure.attention[0], structure.mlp[0]
+        decoder = decoder_parameters(structure)
+        removed_layers = self.final_layer_count
+        # Removed layers count toward the budget; heads and channels of the kept layers make up the rest.
+        rest = args.param_pruning_ratio * decoder - removed_layers * layer_parameters(structure, 0)
+        if rest < -1e-9 * decoder:
+            raise UnreachableBudgetError(
+                f"`layer_pruning_ratio`={args.layer_pruning_ratio:g} removes {removed_layers} of {structure.num_layers} "
+                f"decoder layers, {removed_layers / structure.num_layers:.1%} of the decoder parameters, more than "
+                f"`param_pruning_ratio`={args.param_pruning_ratio:g}. Lower `layer_pruning_ratio` or raise the budget.")
+        if rest <= 1e-9 * decoder:
+            return {g.name: 0 for g in structure.groups()}
+        kept_layers = structure.num_layers - removed_layers
+        kept_params = decoder * kept_layers / structure.num_layers
         a, m = budget_prune_counts(attn, mlp, unit_parameters(structure, attn), unit_parameters(structure, mlp),
-                                   structure.num_layers, decoder_parameters(structure), args.param_pruning_ratio,
+                                   kept_layers, kept_params, rest / kept_params,
                                    args.attention_pruning_ratio, args.mlp_pruning_ratio)
         return {g.name: a if g.kind == "attention" else m for g in structure.groups()}
 
@@ -222,6 +252,14 @@ class LoRAPruneTrainer(SFTTrainer):
         if changed:
             logger.info("LoRAPrune: pruned %d units in %d groups (progress %.3f)",
                         sum(len(v) for v in changed.values()), len(changed), progress)
+        if self.layer_scorer is not None:
+            count = scheduled_layer_count(self.final_layer_count, progress, self.layer_scorer.one_shot)
+            removed = self.pruning_state.prune_layers_to(count)
+            if removed:
+                logger.info("LoRAPrune: removed decoder layers %s (%s; %d of %d removed)", removed,
+                            self.layer_scorer.name, self.pruning_state.num_pruned_layers(), self.structure.num_layers)
+            if self.pruning_state.num_pruned_layers() >= self.final_layer_count:
+                self.layer_scorer.detach()  # every layer is chosen: no more gates or statistics
         return changed
 
     def target_summary(self) -> dict:
@@ -229,8 +267,11 @@ class LoRAPruneTrainer(SFTTrainer):
         attn = self.structure.attention[0]
         mlp = self.structure.mlp[0]
         decoder = decoder_parameters(self.structure)
+        layers, num_layers = self.final_layer_count, self.structure.num_layers
+        # Same counts in every layer: the kept layers' share of the width removal, plus the removed layers whole.
         removed = sum(count * unit_parameters(self.structure, self.pruning_state.groups[name])
-                      for name, count in self.final_prune_counts.items())
+                      for name, count in self.final_prune_counts.items()) * (num_layers - layers) / num_layers
+        removed += layers * layer_parameters(self.structure, 0)
         budget = self.args.param_pruning_ratio
         # With a budget, the per-kind ratios asked for are only those set explicitly (the rest is solved).
         attention_asked = self.args.attention_ratio if budget is None else self.args.attention_pruning_ratio
@@ -249,6 +290,11 @@ class LoRAPruneTrainer(SFTTrainer):
             "mlp_channels_pruned_per_layer": self.final_prune_counts[mlp.name],
             "mlp_requested_ratio": mlp_asked,
             "mlp_achieved_ratio": self.final_prune_counts[mlp.name] / mlp.num_units,
+            "num_layers": num_layers,
+            "layers_requested_ratio": self.args.layer_pruning_ratio,
+            "layers_pruned": layers,
+            "layers_achieved_ratio": layers / num_layers,
+            "layer_criterion": self.args.layer_criterion if layers else None,
         }
 
     def _warn_about_rounding(self) -> None:
@@ -316,6 +362,7 @@ class LoRAPruneTrainer(SFTTrainer):
             "prune/mlp_sparsity": self.pruning_state.sparsity("mlp"),
             "prune/heads_pruned": self.pruning_state.pruned_heads(),
             "prune/channels_pruned": self.pruning_state.pruned_channels(),
+            "prune/layers_pruned": self.pruning_state.num_pruned_layers(),
             "prune/params": params_after,
             "prune/params_ratio": params_after / self._params_before,
         }

@@ -4,8 +4,8 @@ Scalars (``prune/*`` sparsity, parameter counts, score statistics, ``eval_perple
 ``LoRAPruneTrainer.log``, so Trainer's own ``WandbCallback`` sends them with the loss. This module
 adds what is not a scalar:
 
-* ``prune/layers``: a table with one row per decoder layer (attention units, query heads and MLP
-  channels kept), and ``prune/masks``: a heatmap of the keep-masks (layers x units), both logged at
+* ``prune/layers``: a table with one row per decoder layer (whether it stays, attention units, query
+  heads and MLP channels kept, layer score), and ``prune/masks``: a heatmap of the keep-masks (layers x units), both logged at
   every mask update and at the end of training;
 * the exported ``pruning_report.json`` as a ``pruning-report`` artifact (:func:`log_report_artifact`);
 * :func:`log_summary` for run-level numbers a script computes after training (e.g. final perplexity).
@@ -30,13 +30,21 @@ def active_run():
     return wandb.run
 
 
-def layer_rows(pruning_state) -> list[list[int]]:
-    """One row per decoder layer: ``[layer, attention units kept, query heads kept, MLP channels kept]``."""
+LAYER_COLUMNS = ["layer", "layer_kept", "attention_units_kept", "query_heads_kept", "mlp_channels_kept",
+                 "layer_score"]
+
+
+def layer_rows(pruning_state) -> list[list]:
+    """One row per decoder layer (:data:`LAYER_COLUMNS`): ``[layer, 1 if the layer stays else 0, attention units
+    kept, query heads kept, MLP channels kept, layer score]``; a removed layer keeps nothing."""
     structure = pruning_state.structure
     rows = []
     for attn, mlp in zip(structure.attention, structure.mlp):
-        units = int(pruning_state.keep[attn.name].sum())
-        rows.append([attn.layer_idx, units, units * attn.heads_per_unit, int(pruning_state.keep[mlp.name].sum())])
+        kept = bool(pruning_state.layer_keep[attn.layer_idx])
+        units = int(pruning_state.keep[attn.name].sum()) if kept else 0
+        channels = int(pruning_state.keep[mlp.name].sum()) if kept else 0
+        rows.append([attn.layer_idx, int(kept), units, units * attn.heads_per_unit, channels,
+                     float(pruning_state.layer_scores[attn.layer_idx])])
     return rows
 
 
@@ -49,8 +57,9 @@ def mask_heatmap(pruning_state):
     import matplotlib.pyplot as plt
 
     structure = pruning_state.structure
-    attn = torch.stack([pruning_state.keep[g.name] for g in structure.attention]).float()  # [layers, units]
-    mlp = torch.stack([pruning_state.keep[g.name] for g in structure.mlp]).float()  # [layers, channels]
+    layer_keep = pruning_state.layer_keep.float()[:, None]  # a removed layer's row is empty
+    attn = torch.stack([pruning_state.keep[g.name] for g in structure.attention]).float() * layer_keep  # [layers, units]
+    mlp = torch.stack([pruning_state.keep[g.name] for g in structure.mlp]).float() * layer_keep  # [layers, channels]
     height = max(2.0, 0.25 * structure.num_layers + 1.0)
     fig, (ax_a, ax_m) = plt.subplots(1, 2, figsize=(10, height), gridspec_kw={"width_ratios": [1, 4]})
     for ax, data, title in ((ax_a, attn, f"attention ({structure.attention_unit})"), (ax_m, mlp, "MLP channels")):
@@ -67,8 +76,7 @@ def log_masks(run, pruning_state, commit: bool = True) -> None:
     import matplotlib.pyplot as plt
     import wandb
 
-    table = wandb.Table(columns=["layer", "attention_units_kept", "query_heads_kept", "mlp_channels_kept"],
-                        data=layer_rows(pruning_state))
+    table = wandb.Table(columns=LAYER_COLUMNS, data=layer_rows(pruning_state))
     fig = mask_heatmap(pruning_state)
     try:
         run.log({"prune/layers": table, "prune/masks": wandb.Image(fig)}, commit=commit)

@@ -60,6 +60,25 @@ def test_train_py_end_to_end_with_yaml_config(tmp_path, tiny_folder, monkeypatch
     assert before == after, "before/after numbers must share one protocol"
 
 
+def test_train_py_depth_pruning_flags(tmp_path, capsys):
+    """`--layer_pruning_ratio` / `--layer_criterion` through train.py: 2 of 4 layers go, the export has 2."""
+    folder = tmp_path / "tiny4"
+    tiny_model("llama-gqa", num_layers=4).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    data = write_jsonl(tmp_path / "train.jsonl", tiny_text_dataset(24).to_list())
+    args = train.make_parser().parse_args_and_config([
+        "--model_name_or_path", str(folder), "--dataset_name", data, "--output_dir", str(tmp_path / "run"),
+        "--pruning_ratio", "0", "--layer_pruning_ratio", "0.5", "--layer_criterion", "block_influence",
+        "--prune_freq", "2", "--max_steps", "6", "--per_device_train_batch_size", "4", "--max_length", "32",
+        "--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--save_strategy", "no", "--lora_r", "4",
+        "--lora_alpha", "8"])
+    summary = train.main(*args)
+    assert summary["decoder_layers"]["before"] == 4 and summary["decoder_layers"]["after"] == 2
+    assert AutoModelForCausalLM.from_pretrained(summary["pruned_dir"]).config.num_hidden_layers == 2
+    assert summary["settings"]["layers_pruned"] == 2 and summary["settings"]["layer_criterion"] == "block_influence"
+    assert "decoder layers" in capsys.readouterr().out
+
+
 def test_train_py_missing_data_fails_before_loading_model(tmp_path):
     args = train.make_parser().parse_args_and_config([
         "--model_name_or_path", "/nonexistent/model", "--dataset_name", str(tmp_path / "missing.jsonl"),

@@ -31,15 +31,19 @@ def _env():
             "PYTHONPATH": ROOT}
 
 
-@pytest.mark.parametrize("criterion,distill", [("lora", 0.0), ("taylor_gate", 0.0), ("lora", 0.5)])
-def test_two_process_ddp_masks_identical_and_equal_to_single_process(tmp_path, criterion, distill):
+@pytest.mark.parametrize("criterion,distill,layers", [("lora", 0.0, None), ("taylor_gate", 0.0, None),
+                                                      ("lora", 0.5, None), ("taylor_gate", 0.0, "taylor_gate"),
+                                                      ("lora", 0.0, "block_influence")])
+def test_two_process_ddp_masks_identical_and_equal_to_single_process(tmp_path, criterion, distill, layers):
     """2 gloo processes x batch 4 x accumulation 2 == 1 process x batch 8 x accumulation 2
     (``taylor_gate``: its gate gradients are all-reduced by the criterion, not by DDP; distillation:
-    the teacher runs on the unwrapped model, the student through DDP)."""
+    the teacher runs on the unwrapped model, the student through DDP; ``layers``: 2 of 4 decoder layers
+    removed by that layer criterion, whose gates / cosine sums are all-reduced by the scorer)."""
     from scripts.tiny_train import dump, make_trainer
 
+    depth = dict(num_layers=4, layer_pruning_ratio=0.5, layer_criterion=layers) if layers else {}
     single = make_trainer(str(tmp_path / "single-out"), per_device_batch=8, grad_accum=2, pruning_criterion=criterion,
-                          distill_alpha=distill)
+                          distill_alpha=distill, **depth)
     single.train()
     dump(single, str(tmp_path / "single"))
 
@@ -50,6 +54,8 @@ def test_two_process_ddp_masks_identical_and_equal_to_single_process(tmp_path, c
            "--main_process_port", str(_free_port()), SCRIPT, "--dump", str(tmp_path / "ddp"),
            "--output_dir", str(tmp_path / "ddp-out"), "--per_device_batch", "4", "--grad_accum", "2",
            "--criterion", criterion, "--distill_alpha", str(distill)]
+    if layers:
+        cmd += ["--num_layers", "4", "--layer_pruning_ratio", "0.5", "--layer_criterion", layers]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -60,6 +66,8 @@ def test_two_process_ddp_masks_identical_and_equal_to_single_process(tmp_path, c
     assert [m["world_size"] for m in meta] == [2, 2]
     keep_keys = [k for k in ref if k.startswith("keep.")]
     assert keep_keys and any(int(ref[k].sum()) < ref[k].numel() for k in keep_keys), "nothing was pruned"
+    if layers:
+        assert int((1 - ref["keep.layers"]).sum()) == 2, "two decoder layers removed"
     for k in keep_keys:
         assert torch.equal(ranks[0][k], ranks[1][k]), k
         assert torch.equal(ranks[0][k], ref[k]), k
@@ -129,6 +137,23 @@ def _fsdp2_worker(rank: int, world: int, port: int, out: str):
         scores = gate.score(discover_structure(model))
         errors.update({f"taylor_gate/{k}": float((scores[k] - expected[k]).abs().max() / expected[k].abs().max())
                        for k in expected})
+
+        # Layer gates (depth pruning): scalars on the sharded layers' residual outputs, averaged over ranks.
+        from loraprune_trainer.depth import LayerGateScorer
+
+        reference.zero_grad()
+        model.zero_grad()
+        reference.train()  # layer gates act in training forwards (tiny models come in eval mode)
+        model.train()
+        layer_gate = LayerGateScorer()
+        layer_gate.attach(discover_structure(reference))
+        reference(input_ids=ids, labels=ids).loss.backward()
+        expected_layers = layer_gate.score()
+        layer_gate.attach(discover_structure(model))
+        model(input_ids=half, labels=half).loss.backward()
+        got_layers = layer_gate.score()
+        layer_gate.detach()
+        errors["layers"] = float((got_layers - expected_layers).abs().max() / expected_layers.abs().max())
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(errors, f)
     finally:
@@ -139,7 +164,7 @@ def test_fsdp2_sharded_scores_equal_unsharded(tmp_path):
     torch.multiprocessing.spawn(_fsdp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
         errors = json.load(open(tmp_path / f"rank{rank}.json"))
-        assert len(errors) == 8
+        assert len(errors) == 9
         assert max(errors.values()) < 1e-5, errors
 
 

@@ -196,3 +196,27 @@ def test_distillation_on_quantized_base(base_dir, tmp_path, quant):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs and all(h["distill/kl"] >= 0 and h["grad_norm"] > 0 for h in logs)
     assert trainer.pruning_state.pruned_channels() > 0
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_layer_pruning_on_quantized_base(base_dir, tmp_path, quant):
+    """Depth pruning on an 8/4-bit base: the layer gates sit on module outputs, so the quantized linears
+    are untouched; the export drops the removed layer and de-quantizes and merges the kept one."""
+    from scripts.tiny_train import make_trainer
+
+    trainer = make_trainer(str(tmp_path / "out"), max_steps=6, model=_load(base_dir, quant), pruning_ratio=0.0,
+                           layer_pruning_ratio=0.5, pruning_criterion="taylor_gate")
+    trainer.train()
+    state = trainer.pruning_state
+    assert state.num_pruned_layers() == 1 and state.layer_scores.abs().sum() > 0
+    kept = int(state.layer_keep.nonzero()[0])
+    gate = trainer.structure.layers[kept].get_submodule("mlp.gate_proj")
+    a, b, s = lora_parts(gate)
+    expected = dense_base_weight(gate) + s * (b.detach().float() @ a.detach().float())
+    report = trainer.save_pruned_model(str(tmp_path / "pruned"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned"))
+    assert loaded.config.num_hidden_layers == 1 and report["kept_layers"] == [kept]
+    torch.testing.assert_close(loaded.model.layers[0].mlp.gate_proj.weight, expected)
+    assert loaded(input_ids=torch.randint(0, 96, (2, 8))).logits.isfinite().all()

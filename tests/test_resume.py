@@ -17,26 +17,43 @@ def _losses(trainer):
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 
 
-@pytest.fixture(scope="module", params=["lora", "taylor_gate"])
+# Width criteria, and depth pruning (4 layers, 2 removed) by layer gates and by block influence, whose
+# running cosine sums must travel with the checkpoint too.
+SETTINGS = {
+    "lora": dict(pruning_criterion="lora"),
+    "taylor_gate": dict(pruning_criterion="taylor_gate"),
+    "layers-taylor_gate": dict(pruning_criterion="taylor_gate", num_layers=4, layer_pruning_ratio=0.5),
+    "layers-block_influence": dict(pruning_criterion="lora", num_layers=4, layer_pruning_ratio=0.5,
+                                   layer_criterion="block_influence", pruning_warmup_ratio=0.5),
+}
+
+
+@pytest.fixture(scope="module", params=list(SETTINGS))
 def runs(request, tmp_path_factory):
-    """(uninterrupted trainer, checkpointing trainer, its output dir), per criterion."""
+    """(uninterrupted trainer, checkpointing trainer, its output dir, settings), per setting."""
     base = tmp_path_factory.mktemp(f"resume-{request.param}")
-    straight = make_trainer(str(base / "straight"), max_steps=STEPS, pruning_criterion=request.param)
+    settings = SETTINGS[request.param]
+    straight = make_trainer(str(base / "straight"), max_steps=STEPS, **settings)
     straight.train()
-    saving = make_trainer(str(base / "saving"), max_steps=STEPS, save_steps=SAVE, pruning_criterion=request.param)
+    saving = make_trainer(str(base / "saving"), max_steps=STEPS, save_steps=SAVE, **settings)
     saving.train()
+    straight.test_settings = settings
     return straight, saving, base / "saving"
 
 
 def test_checkpoint_holds_pruning_state_mid_schedule(runs):
-    _, _, out = runs
+    straight, _, out = runs
     folder = out / f"checkpoint-{SAVE}"
     assert (folder / PRUNING_STATE_NAME).is_file() and (folder / PRUNING_SETTINGS_NAME).is_file()
     from safetensors.torch import load_file
 
     saved = load_file(str(folder / PRUNING_STATE_NAME))
     pruned = sum(int((~saved[k].bool()).sum()) for k in saved if k.startswith("keep."))
-    assert 0 < pruned, "checkpoint was taken before any pruning: not mid-schedule"
+    if straight.args.layer_criterion == "block_influence" and straight.args.layer_pruning_ratio:
+        # Taken before the first mask update: the block-influence sums so far are what must carry over.
+        assert pruned == 0 and float(saved["layer_stats.tokens"].min()) > 0
+    else:
+        assert 0 < pruned, "checkpoint was taken before any pruning: not mid-schedule"
     assert int(saved["num_score_updates"]) == SAVE
     meta = json.load(open(folder / PRUNING_SETTINGS_NAME))
     assert meta["total_steps"] == STEPS and meta["settings"]["prune_freq"] == 2
@@ -44,11 +61,15 @@ def test_checkpoint_holds_pruning_state_mid_schedule(runs):
 
 def test_resumed_run_matches_uninterrupted(runs, tmp_path):
     straight, _, out = runs
-    resumed = make_trainer(str(out), max_steps=STEPS, save_steps=SAVE,
-                           pruning_criterion=straight.args.pruning_criterion)
+    resumed = make_trainer(str(out), max_steps=STEPS, save_steps=SAVE, **straight.test_settings)
     # The fresh trainer starts with nothing pruned; everything must come from the checkpoint.
     assert all(bool(k.all()) for k in resumed.pruning_state.keep.values())
     resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
+    assert torch.equal(resumed.pruning_state.layer_keep, straight.pruning_state.layer_keep)
+    torch.testing.assert_close(resumed.pruning_state.layer_scores, straight.pruning_state.layer_scores,
+                               rtol=1e-5, atol=1e-12)
+    if straight.args.layer_pruning_ratio:
+        assert straight.pruning_state.num_pruned_layers() == 2
 
     for name, keep in straight.pruning_state.keep.items():
         assert torch.equal(resumed.pruning_state.keep[name], keep), name
@@ -69,7 +90,7 @@ def test_resume_true_uses_last_checkpoint(runs, tmp_path):
     for step in (SAVE, 2 * SAVE):  # only the mid-run checkpoints, not one written at the end
         shutil.copytree(out / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
     resumed = make_trainer(str(tmp_path), max_steps=STEPS, save_steps=SAVE,
-                           pruning_criterion=straight.args.pruning_criterion)
+                           **straight.test_settings)
     resumed.train(resume_from_checkpoint=True)  # checkpoint-10, then steps 11..12
     assert resumed.state.global_step == STEPS and sorted(_losses(resumed))[-2:] == [11, 12]
     for name, keep in straight.pruning_state.keep.items():
@@ -78,14 +99,14 @@ def test_resume_true_uses_last_checkpoint(runs, tmp_path):
 
 def test_checkpoint_from_other_pruning_config_is_refused(runs):
     straight, _, out = runs
-    other = make_trainer(str(out), max_steps=STEPS, pruning_ratio=0.25, pruning_criterion=straight.args.pruning_criterion)
+    other = make_trainer(str(out), max_steps=STEPS, **{**straight.test_settings, 'pruning_ratio': 0.25})
     with pytest.raises(ResumeError, match=r"different pruning settings \(pruning_ratio: checkpoint 0.5 vs now 0.25"):
         other.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
 
 
 def test_checkpoint_with_other_step_count_is_refused(runs):
     straight, _, out = runs
-    longer = make_trainer(str(out), max_steps=2 * STEPS, pruning_criterion=straight.args.pruning_criterion)
+    longer = make_trainer(str(out), max_steps=2 * STEPS, **straight.test_settings)
     with pytest.raises(ResumeError, match=f"had {STEPS} training steps, this one has {2 * STEPS}"):
         longer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
 
@@ -97,7 +118,7 @@ def test_checkpoint_without_pruning_state_is_refused(runs, tmp_path):
     plain = tmp_path / "plain-checkpoint"
     shutil.copytree(out / f"checkpoint-{SAVE}", plain)
     os.remove(plain / PRUNING_STATE_NAME)
-    trainer = make_trainer(str(tmp_path / "out"), max_steps=STEPS, pruning_criterion=straight.args.pruning_criterion)
+    trainer = make_trainer(str(tmp_path / "out"), max_steps=STEPS, **straight.test_settings)
     with pytest.raises(ResumeError, match="not written by LoRAPruneTrainer"):
         trainer.train(resume_from_checkpoint=str(plain))
 
@@ -105,6 +126,6 @@ def test_checkpoint_without_pruning_state_is_refused(runs, tmp_path):
 def test_checkpoint_for_other_model_is_refused(runs, tmp_path):
     straight, _, out = runs
     trainer = make_trainer(str(tmp_path / "out"), max_steps=STEPS, arch="llama-mha",
-                           pruning_criterion=straight.args.pruning_criterion)
+                           **straight.test_settings)
     with pytest.raises(ResumeError, match="another model structure"):
         trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))

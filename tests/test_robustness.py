@@ -180,6 +180,27 @@ def test_non_finite_scores_skipped():
     assert state.num_score_updates == 0 and all(bool((s == 0).all()) for s in state.scores.values())
 
 
+# 15. depth pruning settings (rows 12-14 have their tests in test_budget.py and test_compensation.py)
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(layer_pruning_ratio=1.0), ValueError, r"`layer_pruning_ratio` must be in \[0, 1\), got 1.0"),
+    (dict(layer_criterion="random"), ValueError, r"`layer_criterion` must be one of"),
+])
+def test_layer_settings_out_of_range(tmp_path, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _args(tmp_path, **kwargs)
+
+
+def test_layer_ratio_removing_every_layer_or_over_budget(tmp_path):
+    from loraprune_trainer.schedule import UnreachableBudgetError
+
+    with pytest.raises(ValueError, match="removes 2 of 2 decoder layers; at least one must stay"):
+        _trainer(tmp_path, args=_args(tmp_path, layer_pruning_ratio=0.9))
+    with pytest.raises(UnreachableBudgetError, match=r"removes 2 of 4 decoder layers, 50.0% .* more than "
+                                                     r"`param_pruning_ratio`=0.3"):
+        _trainer(tmp_path, model=tiny_model("llama-gqa", num_layers=4),
+                 args=_args(tmp_path, layer_pruning_ratio=0.5, param_pruning_ratio=0.3))
+
+
 def test_valid_input_passes_every_check(tmp_path):
     """The checks must not reject good input (else every row above could pass trivially)."""
     with warnings.catch_warnings():

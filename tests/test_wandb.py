@@ -56,7 +56,7 @@ def test_history_has_pruning_scalars_and_eval_perplexity(offline_run):
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     keys = set().union(*history)
     for key in ("train/loss", "train/prune/attention_sparsity", "train/prune/mlp_sparsity", "train/prune/params",
-                "train/prune/params_ratio", "train/prune/heads_pruned", "train/prune/channels_pruned",
+                "train/prune/params_ratio", "train/prune/heads_pruned", "train/prune/channels_pruned", "train/prune/layers_pruned",
                 "train/prune/score_attention_mean", "train/prune/score_mlp_min_kept",
                 "train/prune/score_mlp_max_pruned", "eval/loss", "eval/perplexity", "prune/layers.path",
                 "prune/masks.path"):
@@ -81,9 +81,11 @@ def test_layer_table_matches_final_masks(offline_run):
                      and "prune/layers.path" in r["history"]["item"]), key=lambda h: h["_step"])
     with open(os.path.join(run_dir, "files", tables[-1]["prune/layers.path"])) as f:
         table = json.load(f)
-    assert table["columns"] == ["layer", "attention_units_kept", "query_heads_kept", "mlp_channels_kept"]
+    assert table["columns"] == ["layer", "layer_kept", "attention_units_kept", "query_heads_kept",
+                                "mlp_channels_kept", "layer_score"]
     assert table["data"] == layer_rows(trainer.pruning_state)
-    assert table["data"] == [[0, 1, 3, 20], [1, 1, 3, 20]]  # llama-gqa: 2 KV groups of 3 heads, 40 channels, 50%
+    # llama-gqa: 2 KV groups of 3 heads, 40 channels, 50%; no depth pruning, so both layers stay
+    assert table["data"] == [[0, 1, 1, 3, 20, 0.0], [1, 1, 1, 3, 20, 0.0]]
     image = [h for h in (r["history"]["item"] for r in records if r["type"] == "history") if "prune/masks.path" in h]
     assert os.path.getsize(os.path.join(run_dir, "files", image[-1]["prune/masks.path"])) > 0
 

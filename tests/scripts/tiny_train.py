@@ -25,7 +25,8 @@ from loraprune_trainer import LoRAPruneConfig, LoRAPruneTrainer  # noqa: E402
 
 def make_trainer(output_dir: str, max_steps: int = 12, per_device_batch: int = 4, grad_accum: int = 2,
                  prune_freq: int = 2, pruning_ratio: float = 0.5, save_steps: int | None = None,
-                 report_to: str = "none", arch: str = "llama-gqa", model=None, eval_dataset=None, **extra):
+                 report_to: str = "none", arch: str = "llama-gqa", model=None, eval_dataset=None, num_layers: int = 2,
+                 **extra):
     """A LoRAPruneTrainer over 64 fixed samples of 24 tokens (lr 1e-3 so masks follow the data)."""
     args = LoRAPruneConfig(
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=per_device_batch,
@@ -35,7 +36,7 @@ def make_trainer(output_dir: str, max_steps: int = 12, per_device_batch: int = 4
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, disable_tqdm=True, **extra,
     )
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    return LoRAPruneTrainer(model if model is not None else tiny_model(arch), args,
+    return LoRAPruneTrainer(model if model is not None else tiny_model(arch, num_layers=num_layers), args,
                             train_dataset=tiny_text_dataset(64), eval_dataset=eval_dataset,
                             processing_class=tiny_tokenizer(), peft_config=lora)
 
@@ -47,6 +48,7 @@ def dump(trainer, folder: str) -> None:
     state = trainer.pruning_state
     tensors = {f"keep.{n}": k.to(torch.uint8) for n, k in state.keep.items()}
     tensors.update({f"scores.{n}": s.clone() for n, s in state.scores.items()})
+    tensors.update({"keep.layers": state.layer_keep.to(torch.uint8), "scores.layers": state.layer_scores.clone()})
     compensation = getattr(trainer, "compensation_callback", None)
     if compensation is not None:  # the refitted base weights, which every rank must share
         from loraprune_trainer.compensation import consumer_name, consumer_tensors
@@ -74,10 +76,14 @@ def main() -> None:
     p.add_argument("--distill_alpha", type=float, default=0.0)
     p.add_argument("--compensation", default="none")
     p.add_argument("--compensation_batches", type=int, default=8)
+    p.add_argument("--num_layers", type=int, default=2)
+    p.add_argument("--layer_pruning_ratio", type=float, default=0.0)
+    p.add_argument("--layer_criterion", default="taylor_gate")
     a = p.parse_args()
     trainer = make_trainer(a.output_dir, a.max_steps, a.per_device_batch, a.grad_accum, a.prune_freq,
                            pruning_criterion=a.criterion, distill_alpha=a.distill_alpha, compensation=a.compensation,
-                           compensation_batches=a.compensation_batches)
+                           compensation_batches=a.compensation_batches, num_layers=a.num_layers,
+                           layer_pruning_ratio=a.layer_pruning_ratio, layer_criterion=a.layer_criterion)
     trainer.train()
     dump(trainer, a.dump)
 
