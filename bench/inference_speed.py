@@ -43,7 +43,9 @@ import quiet  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-gguf")
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
+    p.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.5])
+    p.add_argument("--saved", nargs="*", default=[], metavar="NAME=PATH",
+                   help="Exported models (e.g. from recipe.py --save-models) timed next to dense under NAME.")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--seqs", type=int, nargs="+", default=[128])
     p.add_argument("--gen-batches", type=int, nargs="+", default=[1])
@@ -73,6 +75,7 @@ def forward_flops(model, batch: int, seq: int) -> float:
 def build_models(args):
     import torch
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
     from loraprune_trainer.loading import load_model_and_tokenizer
     from loraprune_trainer.oneshot import oneshot_prune
@@ -92,6 +95,12 @@ def build_models(args):
             lora = get_peft_model(copy.deepcopy(result.model),
                                   LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
             models[f"pruned-{r:g}+lora"] = lora
+    for spec in args.saved:
+        name, _, path = spec.partition("=")
+        models[name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        report_path = os.path.join(path, "pruning_report.json")
+        if os.path.isfile(report_path):
+            reports[name] = {k: v for k, v in common.read_json(report_path).items() if k != "settings"}
     models = {k: m.to(device).eval() for k, m in models.items()}
     return models, reports, tok, device
 
@@ -125,6 +134,9 @@ def time_generate(model, ids, new_tokens: int, pad_id: int) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
+    bad = [s for s in args.saved if "=" not in s or not os.path.isfile(os.path.join(s.partition("=")[2], "config.json"))]
+    if bad:
+        raise SystemExit(f"--saved needs NAME=PATH with an exported model folder at PATH; not usable: {bad}")
     load_at_start = quiet.check_start(args)  # before loading anything: a busy machine refuses in seconds
     import torch
 

@@ -903,6 +903,97 @@ def section_speed(parts):
     parts.append("![inference speed](../bench/results/inference_speed.png)\n")
 
 
+def _recipe_runs_section(parts, name: str):
+    """The table of a ``bench/recipe.py`` folder (``<name>.json``): one row per run, dense first; returns the
+    summary or None."""
+    data = load(name)
+    if not data:
+        return None
+    dense = data.get("dense")
+    rows = data["rows"]
+    dense_row = {"setting": "dense"}
+    if dense:
+        dense_row.update({k.split("/")[0]: v["perplexity"] for k, v in dense["eval"].items()})
+        zs = dense.get("zeroshot") or {}
+        dense_row.update(paper_mean=zs.get("paper_mean"),
+                         boolq=((zs.get("tasks") or {}).get("boolq") or {}).get("acc"))
+    return data, dense_row, rows
+
+
+def _pct(v):
+    return None if v is None else 100 * v
+
+
+def section_depth(parts):
+    parts.append("## Depth as well as width: whole decoder layers under one 20% budget\n")
+    got = _recipe_runs_section(parts, "depth")
+    if got is None:
+        parts.append("_Not run yet (`python bench/recipe.py --out bench/results/depth --settings demo depth2 depth4 "
+                     "depth6 bi6 last6`)._\n")
+        return
+    data, dense_row, rows = got
+    runs = data["runs"]
+    parts.append(
+        "Every run is the demo config (`configs/smollm2_demo.yaml`: 20% of decoder parameters, `taylor_gate`, 160 "
+        "steps of 4 x 128 C4 tokens = 81,920 training tokens, LoRA r 8) with depth flags added: `demo` cuts MLP "
+        "channels only; `depthK` removes K of the 30 decoder layers (`layer_pruning_ratio`, layer gates along the "
+        "cubic schedule) and MLP channels of the kept layers make up the rest of the budget (none for K = 6); "
+        "`bi6` / `last6` remove 6 layers chosen one-shot by block influence (ShortGPT) / as the layers before the "
+        "final one, at the first mask update (step 16), then the same fine-tune. Perplexity on the first 256 "
+        "`llm-pruner` windows of WikiText-2 / PTB / C4 (validation, first 256 documents); zero-shot: first 500 "
+        "items of each task, paper mean over PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA (BoolQ outside). "
+        "One seed each: the demo's own spread over seeds is several percent (see the spread section).\n")
+    cols = ["setting", "layers", "mlp_channels", "decoder_params_ratio", "wikitext2", "ptb", "c4", "paper_mean",
+            "boolq", "gen_b1_speedup", "gen_b16_speedup", "fwd_b1_speedup", "fwd_b16_speedup", "train_min", "load"]
+    table_rows = [dense_row] + rows
+    for r in table_rows:
+        r["paper_mean_%"] = _pct(r.get("paper_mean"))
+        r["boolq_%"] = _pct(r.get("boolq"))
+    cols = [c if c not in ("paper_mean", "boolq") else c + "_%" for c in cols]
+    parts.append(md_table(table_rows, cols) + "\n")
+    parts.append("Speed-ups are the exported models against dense in one run (`bench/inference_speed.py --saved`, "
+                 "quiet machine, 1 thread): greedy generation of 32 new tokens after a 32-token prompt at batch 1 "
+                 "and 16, forward of 1 x 128 and 16 x 512 tokens (`fwd_b1` / `fwd_b16`); `load` is the load "
+                 "average when the training run started.\n")
+    speed = load("depth.speed")
+    if speed:
+        parts.append(f"Speed command: `{speed['command']}`; {_quiet_line(speed)}\n")
+    parts.append("Commands (one JSON per run in `bench/results/depth/`):\n")
+    parts.extend(f"- `{r['setting']}`: `{r['command']}`" for r in runs)
+    parts.append("")
+    if os.path.exists(os.path.join(common.RESULTS_DIR, "depth.speed.png")):
+        parts.append("![perplexity vs batch-1 generation speed-up](../bench/results/depth.speed.png)\n")
+    if os.path.exists(os.path.join(common.RESULTS_DIR, "depth.curve.png")):
+        parts.append("![recovery curves](../bench/results/depth.curve.png)\n")
+
+
+def section_recipe(parts):
+    parts.append("## Recipe study at the demo's budget (in progress)\n")
+    got = _recipe_runs_section(parts, "recipe")
+    if got is None:
+        parts.append("_Not run yet (`python bench/recipe.py --settings demo r32 lr1e-3 ...`)._\n")
+        return
+    data, dense_row, rows = got
+    parts.append(
+        "The demo config with one knob changed (`bench/recipe.py`, settings named in its `SETTINGS`), 81,920 "
+        "training tokens each; perplexity on the first 256 `llm-pruner` windows of WikiText-2 / PTB / C4. A "
+        "setting is called better than `demo` only when its range over seeds does not overlap demo's "
+        "(`verdict_vs_demo`); with one seed the verdict says so. `threads` is torch's thread count (1-thread "
+        "and 2-thread runs reduce floats in different orders, one source of the run-to-run spread).\n")
+    threads = {run["run"]: (run.get("machine") or {}).get("torch_threads") for run in data["runs"]}
+    for r in rows:
+        r["threads"] = threads.get(f"{r['setting']}-seed-{r['seed']}")
+    parts.append(md_table([dense_row] + rows, ["setting", "seed", "wikitext2", "ptb", "c4", "wikitext2_x_dense",
+                                              "tokens", "train_min", "s_per_step", "threads", "load"]) + "\n")
+    parts.append(md_table(data["spread"], ["setting", "seeds", "wikitext2_mean", "wikitext2_min", "wikitext2_max",
+                                           "ptb_mean", "c4_mean", "verdict_vs_demo"]) + "\n")
+    parts.append("Commands (one JSON per run in `bench/results/recipe/`):\n")
+    parts.extend(f"- `{r['run']}`: `{r['command']}`" for r in data["runs"])
+    parts.append("")
+    if os.path.exists(os.path.join(common.RESULTS_DIR, "recipe.curve.png")):
+        parts.append("![recipe curves](../bench/results/recipe.curve.png)\n")
+
+
 def main():
     parts = ["# Results: LoRAPrune vs baselines on SmolLM2-135M\n",
              "Generated by `python bench/make_results_md.py` from `bench/results/*.json`; do not edit by hand. "
@@ -911,6 +1002,8 @@ def main():
              "script has flags to scale up on a GPU (see its `--help`). Every table names the command that made it "
              "and the machine's load while it ran.\n"]
     section_grid(parts)
+    section_depth(parts)
+    section_recipe(parts)
     section_compensation(parts)
     section_spread(parts)
     section_zeroshot(parts)

@@ -6,6 +6,7 @@ train and measure perplexity first (``quality.py --save-models DIR``) and leave 
     python bench/quality.py ... --out bench/results/grid --save-models .bench_models/grid
     python bench/quality_zeroshot.py --out bench/results/grid --models .bench_models/grid --limit 500
 
+Runs of ``bench/recipe.py`` work the same way (``--summary recipe``).
 For each run (``--runs`` in the given order, default every run JSON of ``--out``) it loads the saved model
 (the ``dense`` run: ``--model`` itself), scores the tasks with the same code as ``quality.py
 --zeroshot-tasks`` and stores the result in the run's JSON under ``--key`` (default ``zeroshot``, or
@@ -46,6 +47,9 @@ def parse_args(argv=None):
                                                "--limit 0).")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--summary", choices=["quality", "recipe"], default="quality",
+                   help="Which script's report to rebuild at the end: the folder's runs come from quality.py "
+                        "(default) or recipe.py.")
     args = p.parse_args(argv)
     if args.limit < 0:
         p.error(f"--limit must be >= 0, got {args.limit}.")
@@ -128,7 +132,12 @@ def main(argv=None):
         common.write_json(path, record)
         del model
         gc.collect()
-    quality.report(argparse.Namespace(out=args.out))
+    if args.summary == "recipe":
+        import recipe
+
+        recipe.report(args.out)
+    else:
+        quality.report(argparse.Namespace(out=args.out))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,423 @@
+"""Which training knobs matter: the README's demo config, one knob changed at a time, then combinations.
+
+Every run is ``train.py --config configs/smollm2_demo.yaml`` plus the flags of its setting (run in this
+process, so a perplexity curve can ride along as a callback; the equivalent command is recorded). The
+exported model is then scored on WikiText-2 (test), PTB (validation) and C4 (validation, first
+``--c4-docs`` documents) under the ``llm-pruner`` protocol, first ``--windows`` windows of each: the same
+windows for every run, so comparisons are paired. Dense is scored once (``dense.json``).
+
+    python bench/recipe.py --settings demo lr1e-3 r32 --seeds 0
+    python bench/recipe.py --settings demo+lr1e-3 --seeds 0 1 2
+    python bench/recipe.py --report-only
+
+A setting is a name from ``SETTINGS`` or several joined with ``+`` (their flags concatenated, later ones
+win). Resumable: each finished run writes ``<out>/<setting>-seed-<S>.json`` and a rerun skips it. The report
+(``<out>.json``, ``<out>.png``, ``<out>.curve.png``) gives every run, and per setting the mean and range over
+seeds; a setting is called better than ``demo`` only when its range does not overlap demo's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # train.py
+
+import common  # noqa: E402
+
+logger = logging.getLogger("bench.recipe")
+
+# One knob at a time, from the demo config (LoRA r 8 / alpha 16, lr 3e-4 linear, prune_freq 5, ema 0.9,
+# cooldown 0.2, no compensation).
+SETTINGS: dict[str, list[str]] = {
+    "demo": [],
+    "r32": ["--lora_r", "32", "--lora_alpha", "64"],
+    "r128": ["--lora_r", "128", "--lora_alpha", "256"],
+    "rslora": ["--use_rslora", "true"],
+    "lr1e-3": ["--learning_rate", "1e-3"],
+    "lr2e-3": ["--learning_rate", "2e-3"],
+    "cosine": ["--lr_scheduler_type", "cosine"],
+    "cooldown0.5": ["--pruning_cooldown_ratio", "0.5"],
+    "freq1": ["--prune_freq", "1"],
+    "ema0.99": ["--ema_lambda", "0.99"],
+    "norms": ["--lora_modules_to_save", "input_layernorm", "post_attention_layernorm", "norm"],
+    "lstsq": ["--compensation", "lstsq"],
+    "steps480": ["--max_steps", "480"],
+    # Depth (whole decoder layers, SmolLM2 has 30) inside the same 20% budget; MLP channels make up the rest.
+    "depth2": ["--layer_pruning_ratio", "0.0667"],
+    "depth4": ["--layer_pruning_ratio", "0.1334"],
+    "depth6": ["--layer_pruning_ratio", "0.2"],
+    "bi6": ["--layer_pruning_ratio", "0.2", "--layer_criterion", "block_influence"],
+    "last6": ["--layer_pruning_ratio", "0.2", "--layer_criterion", "last"],
+}
+EVAL_SETS = ["wikitext2", "ptb", "c4"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/smollm2_demo.yaml")
+    p.add_argument("--settings", nargs="+", default=["demo"],
+                   help=f"Setting names ({', '.join(SETTINGS)}), or several joined with '+'.")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More train.py flags for every run (recorded; last).")
+    p.add_argument("--windows", type=int, default=256, help="llm-pruner windows per evaluation set.")
+    p.add_argument("--c4-docs", type=int, default=256)
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--curve-every", type=int, default=20, help="Curve point every K steps (0: no curve).")
+    p.add_argument("--curve-windows", type=int, default=32)
+    p.add_argument("--save-models", default=None, help="Keep each exported model under DIR/<run>.")
+    p.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "recipe"))
+    p.add_argument("--report-only", action="store_true")
+    return p.parse_args(argv)
+
+
+def setting_flags(name: str) -> list[str]:
+    """The train.py flags of a setting: ``"a+b"`` is ``SETTINGS["a"] + SETTINGS["b"]``."""
+    flags = []
+    for part in name.split("+"):
+        if part not in SETTINGS:
+            raise SystemExit(f"Unknown setting {part!r} in {name!r}; known: {', '.join(SETTINGS)}.")
+        flags += SETTINGS[part]
+    return flags
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for name in args.settings:  # a typo fails now, not after an hour of runs
+        setting_flags(name)
+    if not args.report_only:
+        import quality
+
+        qargs = SimpleNamespace(eval_sets=EVAL_SETS, c4_docs=args.c4_docs, protocols=["llm-pruner"],
+                                full_context_on=[], windows=args.windows, full_windows=0, eval_batch=args.eval_batch,
+                                curve_every=args.curve_every, curve_windows=args.curve_windows)
+        texts = quality.load_eval_texts(qargs)
+        os.makedirs(args.out, exist_ok=True)
+        dense_path = os.path.join(args.out, "dense.json")
+        if not os.path.exists(dense_path):
+            run_dense(args, qargs, texts, dense_path)
+        for name in args.settings:
+            for seed in args.seeds:
+                run_one(args, qargs, texts, name, seed)
+    report(args.out)
+
+
+def _load_dense(config_path: str):
+    """The config's base model (``model_name_or_path``, ``gguf_file``), as train.py loads it."""
+    import yaml
+
+    from loraprune_trainer.loading import load_model_and_tokenizer
+
+    with open(config_path) as f:
+        config = yaml.safe_load(f)
+    return load_model_and_tokenizer(os.path.expandvars(config["model_name_or_path"]), config.get("gguf_file"))
+
+
+def run_dense(args, qargs, texts, path):
+    import quality
+
+    model, tok = _load_dense(args.config)
+    t0 = time.perf_counter()
+    record = {"run": "dense", "eval": quality.evaluate(model, tok, texts, qargs), "eval_s": time.perf_counter() - t0,
+              "machine": common.machine_info()}
+    common.write_json(path, record)
+
+
+def run_one(args, qargs, texts, name: str, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import quality
+    import train
+
+    run = f"{name}-seed-{seed}"
+    path = os.path.join(args.out, f"{run}.json")
+    if os.path.exists(path):
+        print(f"skip {run} (done)", flush=True)
+        return
+    flags = setting_flags(name) + ["--seed", str(seed)] + list(args.extra)
+    tmp = tempfile.mkdtemp(prefix="recipe-")
+    try:
+        cli = ["--config", args.config, "--output_dir", tmp, "--disable_tqdm", "true", *flags]
+        script_args, training_args, model_args = train.make_parser().parse_args_and_config(args=cli)
+        curve = None
+        if args.curve_every:
+            curve = CurveCallback(texts["wikitext2"], args.curve_every, qargs)
+        load_start = common.load_average()
+        t0 = time.perf_counter()
+        summary = train.main(script_args, training_args, model_args, callbacks=[curve] if curve else None)
+        train_wall = time.perf_counter() - t0
+        pruned_dir = os.path.join(tmp, "pruned")
+        model = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(pruned_dir)
+        t1 = time.perf_counter()
+        evals = quality.evaluate(model, tok, texts, qargs)
+        eval_s = time.perf_counter() - t1
+        if args.save_models:
+            dest = os.path.join(args.save_models, run)
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(pruned_dir, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary.pop("pruned_dir", None)  # a temporary folder, gone now
+    record = {
+        "run": run, "setting": name, "seed": seed, "flags": flags,
+        "command": " ".join(["accelerate launch --config_file accelerate_configs/cpu.yaml train.py",
+                             "--config", args.config, *flags]),
+        "bench_command": common.command_line(),
+        "train_wall_s": train_wall, "eval_s": eval_s, "load_average_at_start": load_start,
+        "load_average_at_end": common.load_average(), "eval": evals, "summary": summary,
+        "curve": curve.points if curve else None, "curve_eval_s": curve.eval_s if curve else None,
+        "machine": common.machine_info(),
+    }
+    common.write_json(path, record)
+    ppl = {k.split("/")[0]: v["perplexity"] for k, v in evals.items()}
+    print(f"{run}: {train_wall / 60:.1f} min, " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()), flush=True)
+
+
+class CurveCallback:
+    """Masked-model WikiText-2 perplexity on the first ``curve_windows`` windows at step 0, every ``every``
+    optimizer steps and at the end (evaluation mode, no gradients: training is unchanged)."""
+
+    def __new__(cls, text_meta, every, qargs):
+        from transformers import TrainerCallback
+
+        import quality
+
+        class _Curve(TrainerCallback):
+            def __init__(self):
+                self.points, self.eval_s, self.tok, self.text = [], 0.0, None, None
+
+            def _record(self, state, model, tok):
+                if self.points and self.points[-1]["step"] == state.global_step:
+                    return
+                t0 = time.perf_counter()
+                if self.text is None:
+                    self.text, self.meta = quality.curve_text(text_meta[0], text_meta[1], tok, qargs.curve_windows)
+                ppl, _ = quality.curve_point(model, tok, self.text, self.meta, qargs)
+                self.points.append({"step": int(state.global_step), "perplexity": ppl})
+                self.eval_s += time.perf_counter() - t0
+
+            def on_train_begin(self, a, state, control, model=None, processing_class=None, **kw):
+                self._record(state, model, processing_class)
+
+            def on_step_end(self, a, state, control, model=None, processing_class=None, **kw):
+                if state.global_step % every == 0:
+                    self._record(state, model, processing_class)
+
+            def on_train_end(self, a, state, control, model=None, processing_class=None, **kw):
+                self._record(state, model, processing_class)
+
+        return _Curve()
+
+
+# -- report -------------------------------------------------------------------------------------------------
+def load_runs(folder: str) -> tuple[dict | None, list[dict]]:
+    dense_path = os.path.join(folder, "dense.json")
+    dense = common.read_json(dense_path) if os.path.exists(dense_path) else None
+    runs = [common.read_json(p) for p in sorted(glob.glob(os.path.join(folder, "*-seed-*.json")))]
+    return dense, runs
+
+
+def run_row(run: dict, dense: dict | None) -> dict:
+    s = run["summary"]
+    ppl = {k.split("/")[0]: v["perplexity"] for k, v in run["eval"].items()}
+    st = s.get("settings") or {}
+    tokens = st.get("max_steps", 0) * st.get("per_device_train_batch_size", 0) * \
+        st.get("gradient_accumulation_steps", 0) * st.get("world_size", 1) * st.get("max_length", 0)
+    row = {"setting": run["setting"], "seed": run["seed"], **{s_: ppl.get(s_) for s_ in EVAL_SETS}}
+    if dense:
+        dppl = {k.split("/")[0]: v["perplexity"] for k, v in dense["eval"].items()}
+        row["wikitext2_x_dense"] = ppl["wikitext2"] / dppl["wikitext2"]
+    zs = run.get("zeroshot")
+    if zs:
+        row["paper_mean"] = zs.get("paper_mean")
+        row["boolq"] = (zs.get("tasks", {}).get("boolq") or {}).get("acc")
+    layers = s.get("decoder_layers") or {}
+    row.update({"layers": layers.get("after"), "mlp_channels": (s.get("settings") or {}).get("mlp_channels_per_layer", 0)
+                - (s.get("settings") or {}).get("mlp_channels_pruned_per_layer", 0)})
+    row.update({"decoder_params_ratio": s["parameters"]["decoder_layers_ratio"], "tokens": tokens,
+                "train_min": run["train_wall_s"] / 60, "s_per_step": s.get("train_s_per_step"),
+                "load": (run.get("load_average_at_start") or [None])[0]})
+    return row
+
+
+def dense_row(dense: dict) -> dict:
+    """The unpruned model's row: its perplexities and zero-shot (if scored)."""
+    row = {"setting": "dense", **{k.split("/")[0]: v["perplexity"] for k, v in dense["eval"].items()}}
+    zs = dense.get("zeroshot")
+    if zs:
+        row["paper_mean"] = zs.get("paper_mean")
+        row["boolq"] = (zs.get("tasks", {}).get("boolq") or {}).get("acc")
+    return row
+
+
+def spread(rows: list[dict]) -> list[dict]:
+    """Per setting: number of seeds, mean / min / max of each perplexity and of the WikiText-2 ratio."""
+    out = []
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        group = [r for r in rows if r["setting"] == name]
+        row = {"setting": name, "seeds": len(group)}
+        for key in EVAL_SETS + ["wikitext2_x_dense", "train_min"]:
+            values = [r[key] for r in group if r.get(key) is not None]
+            if values:
+                row.update({f"{key}_mean": sum(values) / len(values), f"{key}_min": min(values),
+                            f"{key}_max": max(values)})
+        out.append(row)
+    base = next((r for r in out if r["setting"] == "demo"), None)
+    for row in out:
+        row["verdict_vs_demo"] = verdict(row, base)
+    return out
+
+
+def verdict(row: dict, base: dict | None) -> str:
+    """'better' / 'worse' when the WikiText-2 ranges over seeds do not overlap demo's (both with 2+ seeds);
+    'inside spread' when they overlap; 'one seed' otherwise."""
+    if base is None or row is base:
+        return ""
+    if row["seeds"] < 2 or base["seeds"] < 2:
+        return "one seed"
+    if row["wikitext2_max"] < base["wikitext2_min"]:
+        return "better"
+    if row["wikitext2_min"] > base["wikitext2_max"]:
+        return "worse"
+    return "inside spread"
+
+
+def report(folder: str) -> dict | None:
+    dense, runs = load_runs(folder)
+    if not runs:
+        print(f"No runs in {folder}.")
+        return None
+    rows = [run_row(r, dense) for r in runs]
+    order = {n: i for i, n in enumerate(SETTINGS)}
+    rows.sort(key=lambda r: (len(r["setting"].split("+")), order.get(r["setting"].split("+")[0], 99), r["setting"],
+                             r["seed"]))
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    table = common.print_table(([dense_row(dense)] if dense else []) + rows, columns, floatfmt="{:.2f}")
+    speed = load_speed(folder.rstrip("/") + ".speed.json")
+    if speed:
+        for row in rows:
+            row.update(speed.get(row["setting"], {}))
+    agg = spread(rows)
+    common.print_table(agg, ["setting", "seeds", "wikitext2_mean", "wikitext2_min", "wikitext2_max", "ptb_mean",
+                             "c4_mean", "verdict_vs_demo"], floatfmt="{:.2f}")
+    out = {"benchmark": "recipe study at the demo's budget", "dense": dense, "rows": rows, "spread": agg,
+           "table": table, "runs": runs}
+    common.write_json(folder.rstrip("/") + ".json", out)
+    plot(rows, agg, dense, folder.rstrip("/") + ".png")
+    plot_curves(runs, folder.rstrip("/") + ".curve.png")
+    if speed:
+        plot_speed_quality(rows, dense, folder.rstrip("/") + ".speed.png")
+    return out
+
+
+SPEED_KEYS = {("generate", 1): "gen_b1_speedup", ("generate", 16): "gen_b16_speedup",
+              ("forward", 1): "fwd_b1_speedup", ("forward", 16): "fwd_b16_speedup"}
+
+
+def load_speed(path: str) -> dict:
+    """``{model name: {gen_b1_speedup, gen_b16_speedup, fwd_b1_speedup, fwd_b16_speedup, speed_load}}`` from an
+    ``inference_speed.py --saved <setting>=<folder>`` JSON (names are this study's settings), or ``{}``."""
+    if not os.path.exists(path):
+        return {}
+    data = common.read_json(path)
+    out = {}
+    for r in data["rows"]:
+        key = SPEED_KEYS.get((r["kind"], r["batch"]))
+        if key and r["model"] != "dense":
+            out.setdefault(r["model"], {})[key] = r["measured_speedup"]
+            out[r["model"]][key.replace("speedup", "ideal")] = r["ideal_speedup"]
+    return out
+
+
+def plot_speed_quality(rows, dense, path):
+    """WikiText-2 perplexity against the batch-1 greedy generation speed-up, one point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r.get("gen_b1_speedup")]
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    if dense:
+        d = next(v["perplexity"] for k, v in dense["eval"].items() if k.startswith("wikitext2"))
+        ax.scatter([1.0], [d], color="k", marker="*", s=90, label="dense")
+    for i, r in enumerate(points):
+        ax.scatter([r["gen_b1_speedup"]], [r["wikitext2"]], color=f"C{i % 10}", s=40)
+        ax.annotate(r["setting"], (r["gen_b1_speedup"], r["wikitext2"]), fontsize=8, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("greedy generation speed-up at batch 1 (measured, 1 thread)")
+    ax.set_ylabel("WikiText-2 perplexity (256 windows)")
+    ax.set_title("20% of decoder parameters: width vs depth (SmolLM2-135M)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(rows, agg, dense, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = [a["setting"] for a in agg]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 4))
+    for i, name in enumerate(names):
+        ys = [r["wikitext2"] for r in rows if r["setting"] == name]
+        ax.scatter([i] * len(ys), ys, color="C0", zorder=3)
+        ax.plot([i - 0.25, i + 0.25], [sum(ys) / len(ys)] * 2, color="C1")
+    if agg and agg[0]["setting"] == "demo" and agg[0].get("wikitext2_min") is not None:
+        ax.axhspan(agg[0]["wikitext2_min"], agg[0]["wikitext2_max"], color="0.85", zorder=0, label="demo's range")
+    if dense:
+        d = next(v["perplexity"] for k, v in dense["eval"].items() if k.startswith("wikitext2"))
+        ax.axhline(1.35 * d, ls="--", color="C2", label=f"1.35 x dense ({1.35 * d:.1f})")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylabel("WikiText-2 perplexity (256 windows)")
+    ax.set_title("Recipe study: SmolLM2-135M, 20% of decoder parameters, taylor_gate")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(runs, path):
+    runs = [r for r in runs if r.get("curve")]
+    if not runs:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(runs):
+        pts = r["curve"]
+        ax.plot([p["step"] for p in pts], [p["perplexity"] for p in pts], label=r["run"], color=f"C{i % 10}",
+                ls="-" if r["seed"] == 0 else ":")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("masked-model WikiText-2 perplexity (32 windows)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""bench/recipe.py end to end on a tiny random model and a fake data folder: runs of named settings (a width
+and a depth one), their three perplexities, curve and record; resume; the report with the seed verdict and
+the speed columns joined from an inference_speed.py JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import yaml
+from test_bench_quality import data_dir  # noqa: F401  (a pytest fixture)
+from tiny import tiny_model, tiny_tokenizer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+
+import recipe  # noqa: E402
+
+
+@pytest.fixture
+def config(tmp_path):
+    folder = tmp_path / "model4"
+    tiny_model("llama-gqa", num_layers=4, seed=0).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    cfg = {"model_name_or_path": str(folder), "dataset_name": "c4/c4_demo.jsonl",
+           "eval_text": "wikitext-2-raw/wiki.test.raw", "eval_max_windows": 2, "param_pruning_ratio": 0.3,
+           "attention_pruning_ratio": 0.0, "pruning_criterion": "taylor_gate", "prune_freq": 2, "max_steps": 8,
+           "per_device_train_batch_size": 2, "max_length": 32, "learning_rate": 1e-3, "use_cpu": True,
+           "bf16": False, "report_to": "none", "save_strategy": "no", "lora_r": 4, "lora_alpha": 8,
+           "logging_steps": 4, "seed": 0, "activation_checkpointing": False}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_setting_flags_combine_and_refuse_unknown():
+    assert recipe.setting_flags("demo") == []
+    assert recipe.setting_flags("lr1e-3+cosine") == ["--learning_rate", "1e-3", "--lr_scheduler_type", "cosine"]
+    with pytest.raises(SystemExit, match="Unknown setting 'lr9'"):
+        recipe.setting_flags("demo+lr9")
+
+
+def test_verdict_needs_non_overlapping_ranges():
+    base = {"setting": "demo", "seeds": 3, "wikitext2_min": 90.0, "wikitext2_max": 95.0}
+    assert recipe.verdict({"seeds": 3, "wikitext2_min": 80.0, "wikitext2_max": 89.0}, base) == "better"
+    assert recipe.verdict({"seeds": 3, "wikitext2_min": 85.0, "wikitext2_max": 91.0}, base) == "inside spread"
+    assert recipe.verdict({"seeds": 3, "wikitext2_min": 96.0, "wikitext2_max": 99.0}, base) == "worse"
+    assert recipe.verdict({"seeds": 1, "wikitext2_min": 50.0, "wikitext2_max": 50.0}, base) == "one seed"
+
+
+def test_runs_resume_and_report(tmp_path, data_dir, config):  # noqa: F811
+    out, models = tmp_path / "study", tmp_path / "models"
+    argv = ["--config", config, "--settings", "demo", "depth6", "--seeds", "0", "--windows", "2", "--c4-docs", "5",
+            "--curve-every", "4", "--curve-windows", "2", "--out", str(out), "--save-models", str(models)]
+    recipe.main(argv)
+    width = json.loads((out / "demo-seed-0.json").read_text())
+    depth = json.loads((out / "depth6-seed-0.json").read_text())
+    for run in (width, depth):
+        assert set(run["eval"]) == {"wikitext2/llm-pruner", "ptb/llm-pruner", "c4/llm-pruner"}
+        assert [p["step"] for p in run["curve"]] == [0, 4, 8]
+        assert run["command"].startswith("accelerate launch --config_file accelerate_configs/cpu.yaml train.py")
+    assert width["summary"]["decoder_layers"]["after"] == 4
+    assert depth["summary"]["decoder_layers"]["after"] == 3  # 0.2 of 4 layers rounds to 1
+    assert "--layer_pruning_ratio" in depth["flags"]
+    assert (models / "depth6-seed-0" / "config.json").is_file()
+    assert json.loads((models / "depth6-seed-0" / "config.json").read_text())["num_hidden_layers"] == 3
+
+    stamp = os.path.getmtime(out / "demo-seed-0.json")
+    recipe.main(argv)  # resume: nothing runs again
+    assert os.path.getmtime(out / "demo-seed-0.json") == stamp
+
+    # Speed from inference_speed.py --saved joins the rows by setting name.
+    speed_rows = [{"kind": k, "model": m, "batch": b, "measured_speedup": v, "ideal_speedup": v + 0.1}
+                  for m, v in (("dense", 1.0), ("depth6", 1.3), ("demo", 1.1))
+                  for k, b in (("generate", 1), ("generate", 16), ("forward", 1), ("forward", 16))]
+    (tmp_path / "study.speed.json").write_text(json.dumps({"rows": speed_rows}))
+    summary = recipe.report(str(out))
+    rows = {r["setting"]: r for r in summary["rows"]}
+    assert rows["depth6"]["gen_b1_speedup"] == 1.3 and rows["demo"]["fwd_b16_ideal"] == pytest.approx(1.2)
+    assert rows["depth6"]["layers"] == 3 and rows["demo"]["layers"] == 4
+    assert [a["verdict_vs_demo"] for a in summary["spread"]] == ["", "one seed"]
+    for suffix in (".json", ".png", ".curve.png", ".speed.png"):
+        assert (tmp_path / f"study{suffix}").is_file(), suffix
