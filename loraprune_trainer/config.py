@@ -76,6 +76,12 @@ class LoRAPruneConfig(SFTConfig):
         pruning_cooldown_ratio (`float`, defaults to `0.1`):
             Fraction of training steps at the end with the full target pruned (recovery fine-tuning).
 
+        width_multiple (`int`, defaults to `1`):
+            Round the number of MLP channels every layer keeps down to a multiple of this (the budget or ratio is
+            met or exceeded, never missed). Matrix kernels run full tiles on aligned widths (multiples of 8 for GPU
+            tensor cores, 64 or 128 for full tiles); attention widths are whole heads, already multiples of
+            `head_dim`. 1 keeps the exact count.
+
         > Whole decoder layers (depth pruning, see `loraprune_trainer.depth`)
 
         layer_pruning_ratio (`float`, defaults to `0.0`):
@@ -160,6 +166,11 @@ class LoRAPruneConfig(SFTConfig):
         default=0.1, metadata={"help": "Fraction of training steps at the end with the full target pruned."}
     )
 
+    width_multiple: int = field(
+        default=1,
+        metadata={"help": "Round the MLP channels each layer keeps down to a multiple of this (more channels go, "
+                          "never fewer); 1 = no rounding."},
+    )
     layer_pruning_ratio: float = field(
         default=0.0,
         metadata={"help": "Fraction of whole decoder layers to remove (depth pruning), in [0, 1); counts toward "
@@ -226,6 +237,8 @@ class LoRAPruneConfig(SFTConfig):
                 "`pruning_warmup_ratio + pruning_cooldown_ratio` must be < 1 so that some steps prune, got "
                 f"{self.pruning_warmup_ratio} + {self.pruning_cooldown_ratio}"
             )
+        if not (isinstance(self.width_multiple, int) and self.width_multiple >= 1):
+            raise ValueError(f"`width_multiple` must be an integer >= 1, got {self.width_multiple!r}")
         if not 0.0 <= self.layer_pruning_ratio < 1.0:
             raise ValueError(f"`layer_pruning_ratio` must be in [0, 1), got {self.layer_pruning_ratio}")
         if self.layer_criterion not in LAYER_CRITERIA:
@@ -253,5 +266,6 @@ class LoRAPruneConfig(SFTConfig):
             "pruning_criterion", "score_form", "normalize_scores", "ema_lambda", "prune_freq", "pruning_schedule",
             "pruning_warmup_ratio", "pruning_cooldown_ratio", "distill_alpha", "distill_temperature", "distill_teacher",
             "compensation", "compensation_batches", "compensation_lambda", "layer_pruning_ratio", "layer_criterion",
+            "width_multiple",
         ]
         return {n: getattr(self, n) for n in names}

@@ -34,7 +34,7 @@ COMPENSATION_META_NAME = "compensation_state.json"
 
 # Settings added after checkpoints were first written, with the value that reproduces the older runs.
 _LATER_SETTINGS = {"compensation": "none", "compensation_batches": 8, "compensation_lambda": 0.1,
-                   "layer_pruning_ratio": 0.0, "layer_criterion": "taylor_gate"}
+                   "layer_pruning_ratio": 0.0, "layer_criterion": "taylor_gate", "width_multiple": 1}
 
 
 class ResumeError(ValueError):

@@ -25,27 +25,39 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def final_prune_count(group: UnitGroup, ratio: float) -> int:
+def _aligned(group: UnitGroup, count: int, width_multiple: int) -> int:
+    """``count`` raised (never lowered) so that the MLP channels kept are a multiple of ``width_multiple``;
+    attention groups are left alone (their widths are whole heads, multiples of ``head_dim``). No change
+    when nothing is pruned or when fewer than ``width_multiple`` channels would stay."""
+    if group.kind != "mlp" or width_multiple <= 1 or count == 0:
+        return count
+    kept = group.num_units - count
+    aligned = (kept // width_multiple) * width_multiple
+    return count if aligned == 0 else group.num_units - aligned
+
+
+def final_prune_count(group: UnitGroup, ratio: float, width_multiple: int = 1) -> int:
     """Units of ``group`` to prune for ``ratio``, rounded to what the group's layout allows.
 
     Units sharing one key/value head (``query_head`` under GQA) are removed evenly from every KV
-    group so that heads-per-KV stays uniform; at least one unit (per KV group) always remains.
+    group so that heads-per-KV stays uniform; at least one unit (per KV group) always remains. With
+    ``width_multiple`` > 1 the MLP channels kept are rounded down to a multiple of it.
     """
     per_kv = group.units_per_kv_group
     num_kv_groups = group.num_units // per_kv
     per_group = min(_round_half_up(ratio * per_kv), per_kv - 1) if per_kv > 1 else None
     if per_group is not None:
         return per_group * num_kv_groups
-    return min(_round_half_up(ratio * group.num_units), group.num_units - 1)
+    return _aligned(group, min(_round_half_up(ratio * group.num_units), group.num_units - 1), width_multiple)
 
 
-def allowed_prune_counts(group: UnitGroup) -> list[int]:
+def allowed_prune_counts(group: UnitGroup, width_multiple: int = 1) -> list[int]:
     """Every final count :func:`final_prune_count` can return for ``group``, ascending."""
     per_kv = group.units_per_kv_group
     if per_kv > 1:
         num_kv_groups = group.num_units // per_kv
         return [k * num_kv_groups for k in range(per_kv)]
-    return list(range(group.num_units))
+    return sorted({_aligned(group, c, width_multiple) for c in range(group.num_units)})
 
 
 class UnreachableBudgetError(ValueError):
@@ -54,7 +66,8 @@ class UnreachableBudgetError(ValueError):
 
 def budget_prune_counts(attention: UnitGroup, mlp: UnitGroup, attention_unit_params: int, mlp_unit_params: int,
                         num_layers: int, decoder_params: int, param_ratio: float,
-                        attention_ratio: float | None = None, mlp_ratio: float | None = None) -> tuple[int, int]:
+                        attention_ratio: float | None = None, mlp_ratio: float | None = None,
+                        width_multiple: int = 1) -> tuple[int, int]:
     """Per-layer ``(attention units, MLP channels)`` to prune so that at least ``param_ratio`` of the
     decoder layers' ``decoder_params`` parameters go, as little above it as the layout allows.
 
@@ -74,10 +87,13 @@ def budget_prune_counts(attention: UnitGroup, mlp: UnitGroup, attention_unit_par
             f"`param_pruning_ratio`={param_ratio:g} is out of reach: {detail}, so at most {most / decoder_params:.1%} "
             "of the decoder parameters can go. Lower the budget, or leave the other kind of unit free.")
 
-    def mlp_channels_for(a: int) -> int:
-        return max(0, math.ceil((target - removed(a, 0)) / (num_layers * mlp_unit_params)))
+    mlp_counts = allowed_prune_counts(mlp, width_multiple)
 
-    max_a, max_m = max(allowed_prune_counts(attention)), max(allowed_prune_counts(mlp))
+    def mlp_channels_for(a: int) -> int:
+        need = max(0, math.ceil((target - removed(a, 0)) / (num_layers * mlp_unit_params)))
+        return next((c for c in mlp_counts if c >= need), need)  # aligned widths: the next allowed count up
+
+    max_a, max_m = max(allowed_prune_counts(attention)), max(mlp_counts)
     if attention_ratio is not None:
         a = final_prune_count(attention, attention_ratio)
         if mlp_channels_for(a) > max_m:
@@ -85,7 +101,7 @@ def budget_prune_counts(attention: UnitGroup, mlp: UnitGroup, attention_unit_par
                  f"{mlp_channels_for(a)} of {mlp.num_units} channels", removed(a, max_m))
         return a, mlp_channels_for(a)
     if mlp_ratio is not None:
-        m = final_prune_count(mlp, mlp_ratio)
+        m = final_prune_count(mlp, mlp_ratio, width_multiple)
         for a in allowed_prune_counts(attention):
             if removed(a, m) >= target:
                 return a, m

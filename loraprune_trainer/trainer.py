@@ -219,7 +219,8 @@ class LoRAPruneTrainer(SFTTrainer):
         ``param_pruning_ratio`` (same counts in every layer)."""
         args, structure = self.args, self.structure
         if args.param_pruning_ratio is None:
-            return {g.name: final_prune_count(g, args.attention_ratio if g.kind == "attention" else args.mlp_ratio)
+            return {g.name: final_prune_count(g, args.attention_ratio if g.kind == "attention" else args.mlp_ratio,
+                                              args.width_multiple)
                     for g in structure.groups()}
         attn, mlp = structure.attention[0], structure.mlp[0]
         decoder = decoder_parameters(structure)
@@ -237,7 +238,7 @@ class LoRAPruneTrainer(SFTTrainer):
         kept_params = decoder * kept_layers / structure.num_layers
         a, m = budget_prune_counts(attn, mlp, unit_parameters(structure, attn), unit_parameters(structure, mlp),
                                    kept_layers, kept_params, rest / kept_params,
-                                   args.attention_pruning_ratio, args.mlp_pruning_ratio)
+                                   args.attention_pruning_ratio, args.mlp_pruning_ratio, args.width_multiple)
         return {g.name: a if g.kind == "attention" else m for g in structure.groups()}
 
     # -- pruning plumbing used by the callback ---------------------------------------------------

@@ -88,3 +88,56 @@ def test_trainer_reaches_the_budget_and_reports_it(tmp_path):
                 for p in layer.parameters())
     assert 1 - after / before == pytest.approx(summary["param_achieved_ratio"], abs=1e-9)
     assert 1 - after / before >= 0.3
+
+
+# -- width_multiple: kept MLP widths aligned to a multiple, never less removed than asked ------------
+
+def test_width_multiple_rounds_kept_channels_down():
+    from loraprune_trainer.schedule import final_prune_count
+
+    s, attn, mlp, *_ = _setup()  # 40 MLP channels
+    assert final_prune_count(mlp, 0.3) == 12
+    assert final_prune_count(mlp, 0.3, width_multiple=8) == 16  # keeps 24, not 28
+    assert final_prune_count(mlp, 0.0, width_multiple=8) == 0  # nothing pruned: the full width stays
+    assert final_prune_count(attn, 0.5, width_multiple=8) == final_prune_count(attn, 0.5)  # heads untouched
+    counts = allowed_prune_counts(mlp, 8)
+    # Below one multiple (fewer than 8 would stay) the count is left as it is: rounding down would remove all.
+    assert counts[0] == 0 and all((40 - c) % 8 == 0 for c in counts[1:] if 40 - c >= 8)
+
+
+@pytest.mark.parametrize("multiple", [1, 4, 8, 16])
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.35])
+def test_budget_with_width_multiple_meets_the_budget_with_aligned_widths(ratio, multiple):
+    s, attn, mlp, ca, cm, total = _setup()
+    a, m = budget_prune_counts(attn, mlp, ca, cm, s.num_layers, total, ratio, attention_ratio=0.0,
+                               width_multiple=multiple)
+    assert _removed(s, a, m, ca, cm) >= ratio * total
+    kept = mlp.num_units - m
+    assert kept % multiple == 0 or kept < multiple  # below one multiple: the unaligned count (documented)
+    a1, m1 = budget_prune_counts(attn, mlp, ca, cm, s.num_layers, total, ratio, attention_ratio=0.0)
+    assert m1 <= m < m1 + multiple, "the smallest aligned count at or above the unaligned one"
+
+
+def test_smollm2_demo_shapes_align_to_1120_channels():
+    """SmolLM2-135M (hidden 576, MLP 1536, 9 heads over 3 KV heads, 30 layers) at the demo's 20% budget from
+    MLP channels: 1,126 channels stay unaligned, 1,120 with width_multiple 8 or 16 or 32, 1,088 with 64."""
+    from loraprune_trainer.structure import ROWS, GroupMember, UnitGroup
+
+    mlp = UnitGroup(0, "mlp", 1536, (GroupMember("mlp.gate_proj", ROWS, 1),))
+    attn = UnitGroup(0, "attention", 3, (GroupMember("self_attn.q_proj", ROWS, 192),), heads_per_unit=3)
+    layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576  # attention, MLP, two RMSNorms
+    unit_attn, unit_mlp = 576 * 192 * 2 + 576 * 64 * 2, 3 * 576
+    kept = {w: 1536 - budget_prune_counts(attn, mlp, unit_attn, unit_mlp, 30, 30 * layer, 0.2, attention_ratio=0.0,
+                                          width_multiple=w)[1] for w in (1, 8, 16, 32, 64)}
+    assert kept == {1: 1126, 8: 1120, 16: 1120, 32: 1120, 64: 1088}
+
+
+def test_trainer_exports_aligned_width(tmp_path):
+    trainer = make_trainer(str(tmp_path / "out"), pruning_ratio=0.3, width_multiple=8, max_steps=8)
+    trainer.train()
+    out = tmp_path / "pruned"
+    trainer.save_pruned_model(str(out))
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.intermediate_size == 24
+    assert trainer.target_summary()["mlp_channels_pruned_per_layer"] == 16
+    with pytest.raises(ValueError, match="`width_multiple` must be an integer >= 1"):
+        LoRAPruneConfig(output_dir=str(tmp_path), width_multiple=0)
