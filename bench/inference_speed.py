@@ -48,6 +48,8 @@ def parse_args(argv=None):
                    help="Exported models (e.g. from recipe.py --save-models) timed next to dense under NAME.")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--seqs", type=int, nargs="+", default=[128])
+    p.add_argument("--shapes", nargs="+", default=None, metavar="BxS",
+                   help="Forward shapes to time instead of every --batches x --seqs pair (e.g. 1x128 16x512).")
     p.add_argument("--gen-batches", type=int, nargs="+", default=[1])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -146,20 +148,21 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     vocab = models["dense"].config.vocab_size
     rows = []
-    for b in args.batches:
-        for s in args.seqs:
-            ids = torch.randint(0, vocab, (b, s), generator=g).to(device)
-            samples = {n: [] for n in names}
-            for n in names:  # warm-up
-                time_forward(models[n], ids)
-            for _ in range(args.repeats):
-                for n in names:
-                    samples[n].append(time_forward(models[n], ids))
+    shapes = ([tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes] if args.shapes
+              else [(b, s) for b in args.batches for s in args.seqs])
+    for b, s in shapes:
+        ids = torch.randint(0, vocab, (b, s), generator=g).to(device)
+        samples = {n: [] for n in names}
+        for n in names:  # warm-up
+            time_forward(models[n], ids)
+        for _ in range(args.repeats):
             for n in names:
-                rows.append({"kind": "forward", "model": n, "batch": b, "seq": s,
-                             "latency_ms": 1000 * statistics.median(samples[n]), "samples_s": samples[n],
-                             "flops": forward_flops(models[n], b, s)})
-            print(f"forward batch {b} seq {s} done", flush=True)
+                samples[n].append(time_forward(models[n], ids))
+        for n in names:
+            rows.append({"kind": "forward", "model": n, "batch": b, "seq": s,
+                         "latency_ms": 1000 * statistics.median(samples[n]), "samples_s": samples[n],
+                         "flops": forward_flops(models[n], b, s)})
+        print(f"forward batch {b} seq {s} done", flush=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for b in args.gen_batches:
         ids = torch.randint(0, vocab, (b, args.prompt_len), generator=g).to(device)
