@@ -95,7 +95,7 @@ def main(script_args: ScriptArguments, training_args: LoRAPruneConfig, model_arg
     peft_config = LoraConfig(
         r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules or "all-linear", use_rslora=model_args.use_rslora,
-        task_type="CAUSAL_LM",
+        modules_to_save=model_args.lora_modules_to_save, task_type="CAUSAL_LM",
     )
     summary = {"model": model_args.model_name_or_path, "dataset": script_args.dataset_name}
     dataset_file = resolve_data_path(_expand(script_args.dataset_name))

@@ -71,8 +71,11 @@ def test_train_py_depth_pruning_flags(tmp_path, capsys):
         "--pruning_ratio", "0", "--layer_pruning_ratio", "0.5", "--layer_criterion", "block_influence",
         "--prune_freq", "2", "--max_steps", "6", "--per_device_train_batch_size", "4", "--max_length", "32",
         "--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--save_strategy", "no", "--lora_r", "4",
-        "--lora_alpha", "8"])
+        "--lora_alpha", "8", "--learning_rate", "1e-2", "--lora_modules_to_save", "norm"])
     summary = train.main(*args)
+    exported = AutoModelForCausalLM.from_pretrained(summary["pruned_dir"])
+    original = AutoModelForCausalLM.from_pretrained(str(folder))
+    assert (exported.model.norm.weight - original.model.norm.weight).abs().max() > 1e-4, "the final norm trained"
     assert summary["decoder_layers"]["before"] == 4 and summary["decoder_layers"]["after"] == 2
     assert AutoModelForCausalLM.from_pretrained(summary["pruned_dir"]).config.num_hidden_layers == 2
     assert summary["settings"]["layers_pruned"] == 2 and summary["settings"]["layer_criterion"] == "block_influence"

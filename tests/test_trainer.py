@@ -151,3 +151,30 @@ def test_prune_freq_longer_than_ramp_fails(tmp_path):
 def test_rounding_is_announced(tmp_path):
     with pytest.warns(UserWarning, match="rounds to 1 of 2 attention units"):
         make_trainer(tmp_path, pruning_ratio=0.3, prune_freq=2)
+
+
+def test_norms_trained_alongside_lora_export_and_adapter_stay_exact(tmp_path):
+    """RMSNorm weights trained next to LoRA (PEFT's `modules_to_save`, train.py's `--lora_modules_to_save`):
+    they change, the export equals the masked model, and the adapter format restores them."""
+    norms = ["input_layernorm", "post_attention_layernorm", "norm"]
+    trainer, _ = make_trainer(tmp_path, pruning_criterion="taylor_gate", learning_rate=1e-2,
+                              lora={**LORA, "modules_to_save": norms})
+    trainer.train()
+    ids = torch.randint(4, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    trainer.model.eval()
+    with torch.no_grad():
+        masked = trainer.model(input_ids=ids).logits
+    trainer.save_pruned_model(str(tmp_path / "pruned"))
+    trainer.save_pruning_adapter(str(tmp_path / "adapter"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pruned")).eval()
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - masked).abs().max() < 1e-4
+    base = tiny_model("llama-gqa")
+    assert (reloaded.model.norm.weight - base.model.norm.weight).abs().max() > 1e-3, "the final norm trained"
+    assert (reloaded.model.layers[1].input_layernorm.weight
+            - base.model.layers[1].input_layernorm.weight).abs().max() > 1e-3
+    peft_model, _, hooks = load_masked_model(tiny_model("llama-gqa"), str(tmp_path / "adapter"))
+    peft_model.eval()
+    with torch.no_grad():
+        assert (peft_model(input_ids=ids).logits - masked).abs().max() < 1e-5
+    hooks.remove()
