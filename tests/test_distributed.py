@@ -59,10 +59,15 @@ def test_two_process_ddp_masks_identical_and_equal_to_single_process(tmp_path, c
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    ranks = [load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in range(2)]
-    meta = [json.load(open(tmp_path / "ddp" / f"rank{r}.json")) for r in range(2)]
-    ref = load_file(str(tmp_path / "single" / "rank0.safetensors"))
-    ref_meta = json.load(open(tmp_path / "single" / "rank0.json"))
+    _assert_ranks_match_single(tmp_path / "ddp", tmp_path / "single", layers)
+
+
+def _assert_ranks_match_single(dump_dir, single_dir, layers=None):
+    """Both ranks' masks equal each other and the single process's; scores and losses agree."""
+    ranks = [load_file(str(dump_dir / f"rank{r}.safetensors")) for r in range(2)]
+    meta = [json.load(open(dump_dir / f"rank{r}.json")) for r in range(2)]
+    ref = load_file(str(single_dir / "rank0.safetensors"))
+    ref_meta = json.load(open(single_dir / "rank0.json"))
     assert [m["world_size"] for m in meta] == [2, 2]
     keep_keys = [k for k in ref if k.startswith("keep.")]
     assert keep_keys and any(int(ref[k].sum()) < ref[k].numel() for k in keep_keys), "nothing was pruned"
@@ -78,6 +83,39 @@ def test_two_process_ddp_masks_identical_and_equal_to_single_process(tmp_path, c
     assert [m["rank_mismatches"] for m in meta] == [0, 0]
     for step, loss in ref_meta["losses"].items():
         assert meta[0]["losses"][step] == pytest.approx(loss, rel=1e-4)
+
+
+# -- DeepSpeed ZeRO-2 on CPU (gloo): taylor_gate's gates live outside the engine ------------------------
+
+def test_deepspeed_zero2_on_cpu_masks_equal_single_process(tmp_path):
+    """2 processes under DeepSpeed ZeRO-2 (CPU accelerator, gloo) x batch 4 x accumulation 2 == 1 process x
+    batch 8 x accumulation 2, for `taylor_gate` widths and layer gates on 2 of 4 layers: the engine steps
+    inside `accelerator.backward`, but the gate gradients are not parameters, so it never touches them."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is installed by scripts/setup.sh (extra `deepspeed`)")
+    from scripts.tiny_train import dump, make_trainer
+
+    depth = dict(num_layers=4, layer_pruning_ratio=0.5, layer_criterion="taylor_gate")
+    single = make_trainer(str(tmp_path / "single-out"), per_device_batch=8, grad_accum=2,
+                          pruning_criterion="taylor_gate", **depth)
+    single.train()
+    dump(single, str(tmp_path / "single"))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(CONFIGS, "deepspeed_zero2_cpu.yaml"), "--main_process_port", str(_free_port()), SCRIPT,
+           "--dump", str(tmp_path / "ds"), "--output_dir", str(tmp_path / "ds-out"), "--per_device_batch", "4",
+           "--grad_accum", "2", "--criterion", "taylor_gate", "--num_layers", "4", "--layer_pruning_ratio", "0.5",
+           "--layer_criterion", "taylor_gate", "--export", str(tmp_path / "ds-pruned")]
+    proc = subprocess.run(cmd, env={**_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _assert_ranks_match_single(tmp_path / "ds", tmp_path / "single", layers="taylor_gate")
+    # The export under DeepSpeed (ZeRO-2 keeps weights whole on every rank) equals the single process's.
+    from transformers import AutoModelForCausalLM
+
+    single.save_pruned_model(str(tmp_path / "single-pruned"))
+    ours = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ds-pruned")).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "single-pruned")).state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
 
 
 # -- FSDP2: DTensor shards of LoRA params, grads and base weights are gathered for scoring ----------
@@ -213,15 +251,27 @@ def test_sync_is_a_noop_in_one_process():
 
 # -- backends that cannot see full LoRA gradients ------------------------------------------------
 
-def _fake_trainer(deepspeed=False, fsdp_version=None):
+def _fake_trainer(deepspeed=False, fsdp_version=None, zero_stage=2, criterion="lora", compensation="none"):
     plugin = SimpleNamespace(fsdp_version=fsdp_version) if fsdp_version else None
+    ds = SimpleNamespace(zero_stage=zero_stage) if deepspeed else None
     return SimpleNamespace(is_deepspeed_enabled=deepspeed, is_fsdp_enabled=fsdp_version is not None,
-                           accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+                           args=SimpleNamespace(pruning_criterion=criterion, compensation=compensation),
+                           accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin,
+                                                                             deepspeed_plugin=ds)))
 
 
-def test_deepspeed_is_refused_with_a_clear_error():
-    with pytest.raises(UnsupportedBackendError, match="DeepSpeed.*DDP.*FSDP2"):
-        check_distributed_backend(_fake_trainer(deepspeed=True))
+def test_deepspeed_refusals_name_the_reason_and_the_way_out():
+    with pytest.raises(UnsupportedBackendError, match="`pruning_criterion='lora'` does not run under DeepSpeed.*"
+                                                      "taylor_gate.*DDP.*FSDP2"):
+        check_distributed_backend(_fake_trainer(deepspeed=True, criterion="lora"))
+    with pytest.raises(UnsupportedBackendError, match="vanilla"):
+        check_distributed_backend(_fake_trainer(deepspeed=True, criterion="vanilla"))
+    with pytest.raises(UnsupportedBackendError, match="ZeRO-3: .* Use ZeRO-2"):
+        check_distributed_backend(_fake_trainer(deepspeed=True, zero_stage=3, criterion="taylor_gate"))
+    with pytest.raises(UnsupportedBackendError, match="compensation='lstsq'.*DeepSpeed"):
+        check_distributed_backend(_fake_trainer(deepspeed=True, criterion="taylor_gate", compensation="lstsq"))
+    for criterion in ("taylor_gate", "wanda", "magnitude", "random"):
+        check_distributed_backend(_fake_trainer(deepspeed=True, criterion=criterion))
 
 
 def test_fsdp1_is_refused_fsdp2_accepted():

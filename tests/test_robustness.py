@@ -148,8 +148,11 @@ def test_output_dir_read_only(tmp_path, monkeypatch):
 def test_backend_without_full_lora_gradients():
     from types import SimpleNamespace
 
-    trainer = SimpleNamespace(is_deepspeed_enabled=True, is_fsdp_enabled=False)
-    with pytest.raises(UnsupportedBackendError, match=r"does not run under DeepSpeed"):
+    trainer = SimpleNamespace(is_deepspeed_enabled=True, is_fsdp_enabled=False,
+                              args=SimpleNamespace(pruning_criterion="lora", compensation="none"),
+                              accelerator=SimpleNamespace(state=SimpleNamespace(
+                                  deepspeed_plugin=SimpleNamespace(zero_stage=2))))
+    with pytest.raises(UnsupportedBackendError, match=r"`pruning_criterion='lora'` does not run under DeepSpeed"):
         check_distributed_backend(trainer)
 
 

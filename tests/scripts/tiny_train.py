@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--num_layers", type=int, default=2)
     p.add_argument("--layer_pruning_ratio", type=float, default=0.0)
     p.add_argument("--layer_criterion", default="taylor_gate")
+    p.add_argument("--export", default=None, help="Also write the compact model here (save_pruned_model).")
     a = p.parse_args()
     trainer = make_trainer(a.output_dir, a.max_steps, a.per_device_batch, a.grad_accum, a.prune_freq,
                            pruning_criterion=a.criterion, distill_alpha=a.distill_alpha, compensation=a.compensation,
@@ -86,6 +87,8 @@ def main() -> None:
                            layer_pruning_ratio=a.layer_pruning_ratio, layer_criterion=a.layer_criterion)
     trainer.train()
     dump(trainer, a.dump)
+    if a.export:
+        trainer.save_pruned_model(a.export)
 
 
 if __name__ == "__main__":
