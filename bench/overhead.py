@@ -51,14 +51,23 @@ def run_variant(variant: str, opts) -> dict:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
-    model, tok = load_model_and_tokenizer(opts.model)
+    model_kwargs = {}
+    if opts.quant != "none":  # bitsandbytes base weights (CPU since 0.50, or CUDA)
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if opts.device == "cuda" else torch.float32
+        model_kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True) if opts.quant == "int8" else
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute))
+        model_kwargs["device_map"] = opts.device
+    model, tok = load_model_and_tokenizer(opts.model, dtype=opts.dtype, **model_kwargs)
     dataset = load_training_dataset(opts.dataset, max_samples=opts.batch * (opts.steps + opts.warmup))
     use_cpu = opts.device == "cpu"
     import tempfile
 
     common = dict(output_dir=tempfile.mkdtemp(prefix=f"overhead-{variant}-"), max_steps=opts.steps + opts.warmup,
                   per_device_train_batch_size=opts.batch, max_length=opts.seq, learning_rate=1e-4,
-                  use_cpu=use_cpu, bf16=not use_cpu, report_to="none", save_strategy="no", logging_steps=10**6,
+                  use_cpu=use_cpu, bf16=not use_cpu and opts.dtype != "float32", report_to="none", save_strategy="no", logging_steps=10**6,
                   activation_checkpointing=False, seed=0, disable_tqdm=True, packing=True)
     lora = LoraConfig(r=opts.lora_r, lora_alpha=2 * opts.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
 
@@ -147,6 +156,10 @@ def parse_args(argv=None):
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="alternating runs per variant")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"],
+                   help="Load dtype of the base model (default: the model's own; GGUF: float32).")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
+                   help="bitsandbytes base weights (LLM.int8 or NF4).")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); 1 keeps timings sane on a CPU shared with other jobs")
     p.add_argument("--out_dir", default=os.path.join(HERE, "results"))

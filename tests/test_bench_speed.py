@@ -46,3 +46,47 @@ def test_width_speed_rows(tmp_path):
     rows = {r["width"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {32, 33, 64} and rows[64]["time_vs_full"] == 1.0
     assert rows[32]["ideal_vs_full"] == 0.5 and rows[33]["multiple_of"] == 1
+
+
+def test_gpu_check_stops_at_once_without_cuda():
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():  # on a GPU machine the script runs for minutes: nothing to check here
+        return
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    proc = subprocess.run(["bash", os.path.join(root, "scripts", "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PY": sys.executable})
+    assert proc.returncode == 2
+    assert "no CUDA GPU here" in proc.stderr
+
+
+def test_scale_fit_separates_fixed_and_per_layer_costs():
+    import scale
+
+    assert scale.fit({1: 3.0, 2: 5.0}) == (1.0, 2.0)
+    assert scale.fit({2: 10.0, 4: 14.0, 3: 99.0}) == (6.0, 2.0)  # the extreme counts define the line
+
+
+def test_scale_runs_every_variant_at_two_depths(tmp_path, monkeypatch):
+    """bench/scale.py end to end with the 8B shapes swapped for tiny ones (the plumbing, not the cost)."""
+    import scale
+
+    folder = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(folder)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{i % 90}" for i in range(k, k + 60))}) + "\n"
+                            for k in range(16)))
+    monkeypatch.setattr(scale, "LLAMA3_8B_LAYER", dict(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                                       num_key_value_heads=2, head_dim=8))
+    out = tmp_path / "scale.json"
+    scale.main(["--layers", "1", "2", "--variants", "sft", "lora", "vanilla", "--seq", "16", "--steps", "2",
+                "--warmup", "1", "--threads", "1", "--tokenizer", str(folder), "--dataset", str(data),
+                "--allow-busy", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["rows"]] == ["sft", "lora", "vanilla"]
+    for row in result["rows"]:
+        assert row["step_s_1l"] > 0 and row["mem_mib_2l"] > 0
+        assert row["step_s_32_layers"] == row["step_s_fixed"] + 32 * row["step_s_per_layer"]
+    assert set(result["table4"]) == {"memory_saving_%", "speedup_%", "paper"}
