@@ -43,7 +43,9 @@ def _preflight(model, args: LoRAPruneConfig, peft_config, train_dataset=None, fo
     """Every check that needs no weights, so bad input fails before data processing or training."""
     _check_output_dir(args)
     _check_dataset_columns(train_dataset, args, formatting_func)
-    check_supported_config(_model_config(model, args))
+    config = _model_config(model, args)
+    check_supported_config(config)
+    final_layer_count(config.num_hidden_layers, args.layer_pruning_ratio)  # at least one layer must stay
     existing = getattr(model, "peft_config", None) if not isinstance(model, (str, os.PathLike)) else None
     lora = peft_config if peft_config is not None else (next(iter(existing.values())) if existing else None)
     if lora is None:
