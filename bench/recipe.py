@@ -23,6 +23,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -170,6 +171,8 @@ def run_one(args, qargs, texts, name: str, seed: int) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary.pop("pruned_dir", None)  # a temporary folder, gone now
+    label = os.path.join(args.save_models, run) if args.save_models else f"{run} (exported, not kept)"
+    summary, evals = relabel(summary, label), relabel(evals, label)
     record = {
         "run": run, "setting": name, "seed": seed, "flags": flags,
         "command": " ".join(["accelerate launch --config_file accelerate_configs/cpu.yaml train.py",
@@ -183,6 +186,21 @@ def run_one(args, qargs, texts, name: str, seed: int) -> None:
     common.write_json(path, record)
     ppl = {k.split("/")[0]: v["perplexity"] for k, v in evals.items()}
     print(f"{run}: {train_wall / 60:.1f} min, " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()), flush=True)
+
+
+TMP_RUN_DIR = re.compile(r"[^\s\"']*recipe-[A-Za-z0-9_]+/pruned")
+
+
+def relabel(obj, label: str):
+    """``obj`` with every path of the run's temporary export folder replaced by ``label`` (where the model
+    was kept, or the run's name): the folder is deleted after the run, and records hold no machine paths."""
+    if isinstance(obj, dict):
+        return {k: relabel(v, label) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [relabel(v, label) for v in obj]
+    if isinstance(obj, str):
+        return TMP_RUN_DIR.sub(label, obj)
+    return obj
 
 
 class CurveCallback:

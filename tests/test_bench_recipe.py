@@ -63,6 +63,8 @@ def test_runs_resume_and_report(tmp_path, data_dir, config):  # noqa: F811
     assert width["summary"]["decoder_layers"]["after"] == 4
     assert depth["summary"]["decoder_layers"]["after"] == 3  # 0.2 of 4 layers rounds to 1
     assert "--layer_pruning_ratio" in depth["flags"]
+    text = json.dumps(depth)
+    assert "recipe-" not in text and str(models / "depth6-seed-0") in text, "temporary paths replaced by the kept one"
     assert (models / "depth6-seed-0" / "config.json").is_file()
     assert json.loads((models / "depth6-seed-0" / "config.json").read_text())["num_hidden_layers"] == 3
 
