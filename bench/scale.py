@@ -86,11 +86,14 @@ def fit(points: dict[int, float]) -> tuple[float, float]:
 def main(argv=None):
     args = parse_args(argv)
     import overhead
-    from loraprune_trainer.loading import load_model_and_tokenizer
+    from transformers import AutoTokenizer
+
+    from loraprune_trainer.loading import resolve_model_source
 
     if len(set(args.layers)) < 2:
         raise SystemExit("--layers needs two or more different counts to separate per-layer from fixed costs.")
-    _, tokenizer = load_model_and_tokenizer(args.tokenizer)
+    source, gguf = resolve_model_source(args.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
     suffix = f"_{args.quant}" if args.quant != "none" else ""
     out = args.out or os.path.join(common.RESULTS_DIR, f"scale_{args.device}{suffix}.json")
     work = tempfile.mkdtemp(prefix="scale-")

@@ -54,7 +54,9 @@ class LoRAPruneCallback(TrainerCallback):
         scores = self.pruner.criterion.score(structure)
         self.pruner.pruning_state.update_scores(scores, args.ema_lambda)
         layer_scorer = getattr(self.pruner, "layer_scorer", None)
-        if layer_scorer is not None:
+        state = self.pruner.pruning_state
+        # Once every layer is chosen the scores stop (also right after resuming from such a checkpoint).
+        if layer_scorer is not None and state.num_pruned_layers() < self.pruner.final_layer_count:
             layer_scores = layer_scorer.score()
             if layer_scores is not None:
                 self.pruner.pruning_state.update_layer_scores(layer_scores,

@@ -390,6 +390,8 @@ class LoRAPruneTrainer(SFTTrainer):
                 self.compensation_callback.load_state_dict(*load_compensation_checkpoint(folder))
             logger.info("LoRAPrune: restored masks and scores from %s (%d score updates)", folder,
                         self.pruning_state.num_score_updates)
+            if self.layer_scorer is not None and self.pruning_state.num_pruned_layers() >= self.final_layer_count:
+                self.layer_scorer.detach()  # as the uninterrupted run did when its last layer went
         return super().train(folder if folder is not None else resume_from_checkpoint, *pos, **kwargs)
 
     def _save_checkpoint(self, model, trial):
