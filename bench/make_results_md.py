@@ -906,7 +906,7 @@ def section_speed(parts):
 def _recipe_runs_section(parts, name: str):
     """The table of a ``bench/recipe.py`` folder (``<name>.json``): one row per run, dense first; returns the
     summary or None."""
-    data = load(name)
+    data = load(name + ".json")
     if not data:
         return None
     dense = data.get("dense")
@@ -943,7 +943,7 @@ def section_depth(parts):
         "`llm-pruner` windows of WikiText-2 / PTB / C4 (validation, first 256 documents); zero-shot: first 500 "
         "items of each task, paper mean over PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA (BoolQ outside). "
         "One seed each: the demo's own spread over seeds is several percent (see the spread section).\n")
-    cols = ["setting", "layers", "mlp_channels", "decoder_params_ratio", "wikitext2", "ptb", "c4", "paper_mean",
+    cols = ["setting", "layers", "removed_layers", "mlp_channels", "decoder_params_ratio", "wikitext2", "ptb", "c4", "paper_mean",
             "boolq", "gen_b1_speedup", "gen_b16_speedup", "fwd_b1_speedup", "fwd_b16_speedup", "train_min", "load"]
     table_rows = [dense_row] + rows
     for r in table_rows:
@@ -953,12 +953,16 @@ def section_depth(parts):
     parts.append(md_table(table_rows, cols) + "\n")
     parts.append("Speed-ups are the exported models against dense in one run (`bench/inference_speed.py --saved`, "
                  "quiet machine, 1 thread): greedy generation of 32 new tokens after a 32-token prompt at batch 1 "
-                 "and 16, forward of 1 x 128 and 16 x 512 tokens (`fwd_b1` / `fwd_b16`); `load` is the load "
-                 "average when the training run started.\n")
-    speed = load("depth.speed")
+                 "and 16, forward of 1 x 128 and 16 x 512 tokens (`fwd_b1` / `fwd_b16`). `train_min` is the "
+                 "training wall time (2 threads) and `load` the load average when the run started: runs with a load "
+                 "near 2 shared the cores with other jobs for part of the time, so their wall time is not a speed "
+                 "measurement. `removed_layers` are the original indices (0-29).\n")
+    speed = load("depth.speed.json")
     if speed:
         parts.append(f"Speed command: `{speed['command']}`; {_quiet_line(speed)}\n")
-    parts.append("Commands (one JSON per run in `bench/results/depth/`):\n")
+    parts.append("Commands (one JSON per run in `bench/results/depth/`; all of them: `python bench/recipe.py --out "
+                 "bench/results/depth --settings demo depth6 depth4 depth2 bi6 last6 --seeds 0 --save-models "
+                 ".bench_models/depth`):\n")
     parts.extend(f"- `{r['setting']}`: `{r['command']}`" for r in runs)
     parts.append("")
     if os.path.exists(os.path.join(common.RESULTS_DIR, "depth.speed.png")):

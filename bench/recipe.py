@@ -262,7 +262,8 @@ def run_row(run: dict, dense: dict | None) -> dict:
         row["paper_mean"] = zs.get("paper_mean")
         row["boolq"] = (zs.get("tasks", {}).get("boolq") or {}).get("acc")
     layers = s.get("decoder_layers") or {}
-    row.update({"layers": layers.get("after"), "mlp_channels": (s.get("settings") or {}).get("mlp_channels_per_layer", 0)
+    row.update({"layers": layers.get("after"), "removed_layers": " ".join(map(str, layers.get("removed") or [])),
+                "mlp_channels": (s.get("settings") or {}).get("mlp_channels_per_layer", 0)
                 - (s.get("settings") or {}).get("mlp_channels_pruned_per_layer", 0)})
     row.update({"decoder_params_ratio": s["parameters"]["decoder_layers_ratio"], "tokens": tokens,
                 "train_min": run["train_wall_s"] / 60, "s_per_step": s.get("train_s_per_step"),
