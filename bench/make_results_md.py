@@ -944,7 +944,7 @@ def section_depth(parts):
         "items of each task, paper mean over PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA (BoolQ outside). "
         "One seed each: the demo's own spread over seeds is several percent (see the spread section).\n")
     cols = ["setting", "layers", "removed_layers", "mlp_channels", "decoder_params_ratio", "wikitext2", "ptb", "c4", "paper_mean",
-            "boolq", "gen_b1_speedup", "gen_b16_speedup", "fwd_b1_speedup", "fwd_b16_speedup", "train_min", "load"]
+            "boolq", "gen_b1_speedup", "gen_b16_speedup", "fwd_b1_speedup", "fwd_b16_speedup"]
     table_rows = [dense_row] + rows
     for r in table_rows:
         r["paper_mean_%"] = _pct(r.get("paper_mean"))
@@ -953,10 +953,9 @@ def section_depth(parts):
     parts.append(md_table(table_rows, cols) + "\n")
     parts.append("Speed-ups are the exported models against dense in one run (`bench/inference_speed.py --saved`, "
                  "quiet machine, 1 thread): greedy generation of 32 new tokens after a 32-token prompt at batch 1 "
-                 "and 16, forward of 1 x 128 and 16 x 512 tokens (`fwd_b1` / `fwd_b16`). `train_min` is the "
-                 "training wall time (2 threads) and `load` the load average when the run started: runs with a load "
-                 "near 2 shared the cores with other jobs for part of the time, so their wall time is not a speed "
-                 "measurement. `removed_layers` are the original indices (0-29).\n")
+                 "and 16, forward of 1 x 128 and 16 x 512 tokens (`fwd_b1` / `fwd_b16`). Training wall times are in the "
+                 "run JSONs but not published: the runs used both cores (load about 2) and some overlapped other "
+                 "jobs. `removed_layers` are the original indices (0-29).\n")
     speed = load("depth.speed.json")
     if speed:
         parts.append(f"Speed command: `{speed['command']}`; {_quiet_line(speed)}\n")
@@ -988,7 +987,7 @@ def section_recipe(parts):
     for r in rows:
         r["threads"] = threads.get(f"{r['setting']}-seed-{r['seed']}")
     parts.append(md_table([dense_row] + rows, ["setting", "seed", "wikitext2", "ptb", "c4", "wikitext2_x_dense",
-                                              "tokens", "train_min", "s_per_step", "threads", "load"]) + "\n")
+                                              "tokens", "threads"]) + "\n")
     parts.append(md_table(data["spread"], ["setting", "seeds", "wikitext2_mean", "wikitext2_min", "wikitext2_max",
                                            "ptb_mean", "c4_mean", "verdict_vs_demo"]) + "\n")
     parts.append("Commands (one JSON per run in `bench/results/recipe/`):\n")

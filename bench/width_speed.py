@@ -90,7 +90,8 @@ def main(argv=None):
     table = common.print_table(rows, ["width", "multiple_of", "ms", "ms_min", "ms_max", "time_vs_full",
                                       "ideal_vs_full", "per_channel_vs_full"], floatfmt="{:.3f}")
     common.write_json(args.out, {"benchmark": "MLP time by kept width", "rows": rows, "table": table,
-                                 "settings": vars(args), "command": common.command_line(),
+                                 "settings": {**vars(args), "out": os.path.relpath(args.out, common.REPO_ROOT)},
+                                 "command": common.command_line(),
                                  "wall_s": time.perf_counter() - t0,
                                  "machine": quiet.with_start_load(common.machine_info(), load_fields),
                                  **load_fields})

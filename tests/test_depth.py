@@ -209,13 +209,16 @@ def test_layer_gate_gradient_matches_finite_difference_of_removal_path():
         assert abs(float(numeric) - float(grad[layer])) < 2e-3 * max(1.0, abs(float(numeric)))
 
 
-def test_layer_gate_scores_are_squared_step_sums_and_reset():
-    model = lora_model("llama-mha", num_layers=2)
-    structure = discover_structure(model)
-    scorer = LayerGateScorer()
-    scorer.attach(structure)
+def _attached(scorer, arch, num_layers):
+    """A tiny LoRA model in training mode with ``scorer`` attached to its layers: (model, scorer, ids)."""
+    model = lora_model(arch, num_layers=num_layers)
+    scorer.attach(discover_structure(model))
     model.train()
-    ids = _ids()
+    return model, scorer, _ids()
+
+
+def test_layer_gate_scores_are_squared_step_sums_and_reset():
+    model, scorer, ids = _attached(LayerGateScorer(), "llama-mha", 2)
     model(input_ids=ids, labels=ids).loss.backward()
     g1 = scorer.gate.grad.clone()
     model(input_ids=ids, labels=ids).loss.backward()
@@ -230,12 +233,7 @@ def test_layer_gate_scores_are_squared_step_sums_and_reset():
 
 
 def test_block_influence_matches_direct_cosine():
-    model = lora_model("llama-gqa", num_layers=3)
-    structure = discover_structure(model)
-    scorer = BlockInfluenceScorer()
-    scorer.attach(structure)
-    model.train()
-    ids = _ids()
+    model, scorer, ids = _attached(BlockInfluenceScorer(), "llama-gqa", 3)
     out = model(input_ids=ids, output_hidden_states=True)
     hidden = out.hidden_states  # embeddings, then after each layer (the last one after the final norm)
     scores = scorer.score()
