@@ -48,19 +48,16 @@ class LoRAPruneCallback(TrainerCallback):
         # Scores after the final step's ramp are not used: skip their cost during recovery.
         if self.schedule is not None and state.global_step + 1 > self.schedule.ramp_end:
             return
-        structure, layer_keep = self.pruner.structure, self.pruner.pruning_state.layer_keep
-        if not bool(layer_keep.all()):  # removed layers have no gradients; their width scores no longer matter
-            structure = structure.only_layers(layer_keep)
-        scores = self.pruner.criterion.score(structure)
-        self.pruner.pruning_state.update_scores(scores, args.ema_lambda)
+        state, structure = self.pruner.pruning_state, self.pruner.structure
+        if not bool(state.layer_keep.all()):  # removed layers have no gradients; their width scores no longer matter
+            structure = structure.only_layers(state.layer_keep)
+        state.update_scores(self.pruner.criterion.score(structure), args.ema_lambda)
         layer_scorer = getattr(self.pruner, "layer_scorer", None)
-        state = self.pruner.pruning_state
         # Once every layer is chosen the scores stop (also right after resuming from such a checkpoint).
         if layer_scorer is not None and state.num_pruned_layers() < self.pruner.final_layer_count:
             layer_scores = layer_scorer.score()
             if layer_scores is not None:
-                self.pruner.pruning_state.update_layer_scores(layer_scores,
-                                                              args.ema_lambda if layer_scorer.ema else 0.0)
+                state.update_layer_scores(layer_scores, args.ema_lambda if layer_scorer.ema else 0.0)
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
