@@ -86,13 +86,25 @@ def run_variant(variant: str, opts) -> dict:
             self.times.append(time.perf_counter() - self._start)
 
     timer = StepTimer()
+    profiler = None
+    if opts.profile:  # where the time goes: per-op CPU self time over the measured steps
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+        class ProfileSteps(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == opts.warmup:
+                    profiler.start()
+
+        timer_callbacks = [timer, ProfileSteps()]
+    else:
+        timer_callbacks = [timer]
     criterion, *extras = variant.split("+")
     unknown = set(extras) - {"kd", "lstsq", "bias"}
     if unknown:
         raise SystemExit(f"unknown variant suffix {sorted(unknown)} in {variant!r}: use +kd, +lstsq or +bias")
     if variant == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tok,
-                             peft_config=lora, callbacks=[timer])
+                             peft_config=lora, callbacks=timer_callbacks)
     else:
         # The ramp covers every step (no warm-up, no cool-down), so scoring runs on all of them.
         args = LoRAPruneConfig(**common, pruning_ratio=0.5, attention_pruning_ratio=0.34, prune_freq=opts.prune_freq,
@@ -100,7 +112,7 @@ def run_variant(variant: str, opts) -> dict:
                                distill_alpha=0.5 if "kd" in extras else 0.0,
                                compensation=next((e for e in extras if e in ("lstsq", "bias")), "none"))
         trainer = LoRAPruneTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                                   peft_config=lora, callbacks=[timer])
+                                   peft_config=lora, callbacks=timer_callbacks)
         # Time the pruning work inside the same steps too: a ratio immune to machine noise.
         pruning_times = {}
         callback = trainer.pruning_callback
@@ -126,8 +138,21 @@ def run_variant(variant: str, opts) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     measured = timer.times[opts.warmup:]
+    ops = None
+    if profiler is not None:
+        profiler.stop()
+        # Self time per op and measured step (ms): the ops a variant adds show up as differences.
+        averages = profiler.key_averages()
+        ops = {e.key: e.self_cpu_time_total / 1000 / len(measured) for e in averages}
+        calls = {e.key: e.count / len(measured) for e in averages}
+        # Including the ops they call: what the criterion's own autograd functions cost in all
+        own = {e.key: e.cpu_time_total / 1000 / len(measured) for e in averages if "GateProbe" in e.key}
     result = {"variant": variant, "median_step_s": statistics.median(measured), "steps_measured": len(measured),
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if ops is not None:
+        result["profile_ms_per_step"] = ops
+        result["profile_calls_per_step"] = calls
+        result["profile_own_functions_total_ms_per_step"] = own
     if opts.device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if variant != "sft":
@@ -140,6 +165,26 @@ def run_variant(variant: str, opts) -> dict:
         result["score_updates"] = trainer.pruning_state.num_score_updates
         result["params_ratio"] = trainer.pruning_metrics()["prune/params_ratio"]
     return result
+
+
+def profile_differences(runs: dict, first: str, top: int = 25) -> dict[str, dict[str, float]]:
+    """Per variant: op -> (its self ms per step) - (the first variant's), medians over rounds, the
+    largest absolute differences first (``top`` of them)."""
+    def median_ops(variant):
+        tables = [r["profile_ms_per_step"] for r in runs[variant] if "profile_ms_per_step" in r]
+        keys = set().union(*tables) if tables else set()
+        return {k: statistics.median(t.get(k, 0.0) for t in tables) for k in keys}
+
+    base = median_ops(first)
+    out = {}
+    for variant in runs:
+        if variant == first:
+            continue
+        ops = median_ops(variant)
+        diffs = {k: ops.get(k, 0.0) - base.get(k, 0.0) for k in set(ops) | set(base)}
+        ranked = sorted(diffs.items(), key=lambda kv: -abs(kv[1]))[:top]
+        out[variant] = {k: round(v, 2) for k, v in ranked}
+    return out
 
 
 def parse_args(argv=None):
@@ -164,6 +209,9 @@ def parse_args(argv=None):
                    help="torch CPU threads (0: torch's default); 1 keeps timings sane on a CPU shared with other jobs")
     p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
     p.add_argument("--out", default=None, help="JSON file to write (default: <out_dir>/overhead_<device>.json).")
+    p.add_argument("--profile", action="store_true",
+                   help="Also record a torch.profiler op table over the measured steps (its own overhead inflates "
+                        "the step times of that run) and print the ops each variant adds to the first one.")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     quiet.add_arguments(p)  # checked by the parent process only, around all the variant runs
     return p.parse_args(argv)
@@ -224,6 +272,12 @@ def main(argv=None):
         print(f"{r['variant']:<18}{r['step_s']:>9.3f}{r[mem_key]:>14.0f}{r['step_time_ratio']:>9.3f}"
               f"{r['peak_memory_ratio']:>8.3f}{pruning:>16}")
     print(f"(ratios against {first}; pruning s/step: the callback's own time inside the same steps)")
+    if opts.profile:
+        summary["profile_diff"] = profile_differences(runs, first)
+        for v, diffs in summary["profile_diff"].items():
+            print(f"\nops {v} adds to {first} (ms of self CPU time per step, median over rounds):")
+            for op, ms in list(diffs.items())[:12]:
+                print(f"  {ms:+9.1f}  {op}")
     path = opts.out or os.path.join(opts.out_dir, f"overhead_{opts.device}.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=2)

@@ -65,14 +65,6 @@ def residual_branches(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
     return layer.self_attn, layer.mlp
 
 
-def _scale_output(output, factor):
-    """``output * factor`` for a module output: a tensor, or a tuple whose first entry is the tensor
-    (attention returns ``(attn_output, attn_weights)``)."""
-    if isinstance(output, tuple):
-        return (output[0] * factor.to(output[0].dtype), *output[1:])
-    return output * factor.to(output.dtype)
-
-
 def zero_output(output):
     """The module output with its (first) tensor filled with zeros: the branch adds nothing. A fill, not a
     product with 0, so that an inf or NaN in a removed layer cannot leak into the residual stream; and not a
@@ -120,8 +112,10 @@ def _training_forward(module: nn.Module | None = None) -> bool:
 
 class LayerGateScorer(LayerScorer):
     """``taylor_gate`` for layers: a float32 gate ``m: [num_layers]`` of ones (a leaf that requires grad,
-    not a model parameter: it stays out of the optimizer, clipping, checkpoints and FSDP), multiplied
-    into each layer's attention and MLP outputs by forward hooks in training forwards with gradients."""
+    not a model parameter: it stays out of the optimizer, clipping, checkpoints and FSDP), put on each
+    layer's attention and MLP outputs by forward hooks in training forwards with gradients, through
+    :func:`~loraprune_trainer.criteria.taylor.gate_probe` (the outputs are unchanged; the gate gets
+    the gradient of ``output * m`` at ``m = 1``)."""
 
     name = "taylor_gate"
 
@@ -144,8 +138,11 @@ class LayerGateScorer(LayerScorer):
         def hook(module, args, output):
             if not (module.training and torch.is_grad_enabled()):
                 return None
-            first = output[0] if isinstance(output, tuple) else output
-            return _scale_output(output, self.gate[idx].to(first.device))
+            from .criteria.taylor import gate_probe
+
+            if isinstance(output, tuple):
+                return (gate_probe(output[0], self.gate[idx]), *output[1:])
+            return gate_probe(output, self.gate[idx])
 
         return hook
 

@@ -178,6 +178,7 @@ class MaskHooks:
         self.enabled = True
         self.handles = []
         self._cache: dict[tuple, torch.Tensor] = {}
+        self._masked: tuple[int, set[str]] | None = None  # (state version, names of groups with cuts)
         for name, group in state.groups.items():
             for member in group.members:
                 if member.dim == COLUMNS:
@@ -202,9 +203,9 @@ class MaskHooks:
 
     def _make_hook(self, name: str, group: UnitGroup, member):
         def hook(module: nn.Module, args):
+            if not self.enabled or name not in self._masked_groups():
+                return None  # nothing cut here yet: no product, no extra tensor
             x = args[0]
-            if not self.enabled or bool(self.state.keep[name].all()):
-                return None
             key = (name, self.state.version, x.device, x.dtype)
             mask = self._cache.get(key)
             if mask is None:
@@ -214,6 +215,12 @@ class MaskHooks:
             return (x * mask, *args[1:])  # [..., in_features] * [in_features]
 
         return hook
+
+    def _masked_groups(self) -> set[str]:
+        """Names of the groups with at least one unit cut, recomputed only when the masks change."""
+        if self._masked is None or self._masked[0] != self.state.version:
+            self._masked = (self.state.version, {n for n, k in self.state.keep.items() if not bool(k.all())})
+        return self._masked[1]
 
     @contextlib.contextmanager
     def disabled(self):

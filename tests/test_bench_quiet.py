@@ -261,3 +261,16 @@ def test_overhead_busy_end_writes_nothing(monkeypatch, tmp_path):
     with pytest.raises(quiet.MachineBusy):
         overhead.main(["--out_dir", str(tmp_path), "--rounds", "1"])
     assert not os.listdir(tmp_path)
+
+
+def test_overhead_profile_differences_rank_the_ops_a_variant_adds():
+    import overhead
+
+    runs = {"sft": [{"profile_ms_per_step": {"aten::mm": 100.0, "aten::add": 5.0}},
+                    {"profile_ms_per_step": {"aten::mm": 110.0, "aten::add": 5.0}}],
+            "taylor_gate": [{"profile_ms_per_step": {"aten::mm": 105.0, "aten::mul": 9.0, "aten::add": 5.0}},
+                            {"profile_ms_per_step": {"aten::mm": 105.0, "aten::mul": 11.0, "aten::add": 5.0}}]}
+    diffs = overhead.profile_differences(runs, "sft")
+    assert list(diffs) == ["taylor_gate"]
+    assert next(iter(diffs["taylor_gate"].items())) == ("aten::mul", 10.0)  # the largest difference first
+    assert diffs["taylor_gate"]["aten::add"] == 0.0 and diffs["taylor_gate"]["aten::mm"] == 0.0

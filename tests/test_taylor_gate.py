@@ -200,3 +200,31 @@ def test_scoring_without_a_backward_pass_is_a_clear_error():
     crit.attach(structure, model)
     with pytest.raises(RuntimeError, match="No gate gradient"):
         crit.score(structure)
+
+
+@pytest.mark.parametrize("unit_size,num_units", [(1, 12), (4, 3), (12, 1)])
+def test_gate_probe_equals_the_gate_product_it_replaces(unit_size, num_units):
+    """``gate_probe(x, m)`` is ``x`` itself in the forward and passes ``dL/dx`` through unchanged,
+    while ``m`` gets exactly the gradient of ``x * repeat_interleave(m)`` at ``m = 1``
+    (a scalar gate over the whole last dimension too, as the layer gates use)."""
+    from loraprune_trainer.criteria.taylor import gate_probe
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, unit_size * num_units, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(unit_size * num_units, 7, dtype=torch.float64)
+    results = []
+    for probe in (True, False):
+        gate = torch.ones(num_units if num_units > 1 or unit_size != 12 else (), dtype=torch.float32,
+                          requires_grad=True)
+        x.grad = None
+        if probe:
+            y = gate_probe(x, gate)
+            assert torch.equal(y, x)
+        else:
+            y = x * gate.double().reshape(-1).repeat_interleave(unit_size)
+        (torch.tanh(y @ weight).sum()).backward()
+        assert gate.grad.shape == gate.shape and gate.grad.dtype == torch.float32
+        results.append((gate.grad.clone(), x.grad.clone()))
+    (probe_gate, probe_x), (product_gate, product_x) = results
+    assert torch.allclose(probe_gate, product_gate, rtol=1e-6, atol=1e-9)
+    assert torch.equal(probe_x, product_x)

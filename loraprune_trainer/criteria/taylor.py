@@ -125,9 +125,9 @@ class TaylorGateCriterion(Criterion):
 
     :meth:`attach` gives every group a float32 gate ``m: [num_units]`` of ones, a leaf tensor that
     requires grad, and a forward pre-hook on the group's column member (``o_proj`` / ``down_proj``,
-    registered after the mask hooks) that feeds ``x * repeat_interleave(m, unit_size)`` to the layer.
-    The product equals ``x`` exactly, so training is unchanged; autograd accumulates ``dL/dm`` into
-    ``m.grad`` over the step's micro-batches.
+    registered after the mask hooks) that passes ``x`` through :func:`gate_probe`: the layer sees ``x``
+    itself (no product in the forward, none on ``dL/dx`` in the backward), and autograd accumulates
+    ``dL/dm`` into ``m.grad`` over the step's micro-batches, exactly as for ``x * m`` at ``m = 1``.
 
     The gates are deliberately *not* model parameters: so they stay out of the optimizer, gradient
     clipping's norm, checkpoints, the export and FSDP sharding. The price is one all-reduce of the
@@ -161,7 +161,7 @@ class TaylorGateCriterion(Criterion):
             device = base_linear(module).weight.device
             gate = torch.ones(group.num_units, dtype=torch.float32, device=device, requires_grad=True)
             self._gates[group.name] = gate
-            hook = functools.partial(_apply_gate, gate=gate, unit_size=member.unit_size)
+            hook = functools.partial(_apply_gate, gate=gate)
             self._handles.append(module.register_forward_pre_hook(hook))
 
     def detach(self) -> None:
@@ -200,14 +200,43 @@ class TaylorGateCriterion(Criterion):
         return out
 
 
-def _apply_gate(module: nn.Module, args, *, gate: torch.Tensor, unit_size: int):
-    """Forward pre-hook: ``x * m`` with ``m`` expanded to ``x``'s last dimension (one gate per unit).
+class _GateProbe(torch.autograd.Function):
+    """``y = x``; the gate ``m: [num_units]`` gets the gradient it would get from ``y = x * m_expanded``
+    at ``m = 1``, where ``m_expanded = repeat_interleave(m, in // num_units)`` covers ``x``'s last dim."""
+
+    @staticmethod
+    def forward(ctx, x, gate):
+        ctx.save_for_backward(x)  # a saved tensor, so gradient checkpointing recomputes it like the others
+        ctx.gate_shape, ctx.gate_device, ctx.gate_dtype = gate.shape, gate.device, gate.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grad_gate = None
+        if ctx.needs_input_grad[1]:
+            num_units = max(1, ctx.gate_shape.numel())
+            per_unit = (x * grad).reshape(-1, num_units, x.shape[-1] // num_units)  # [tokens, units, unit_size]
+            total = per_unit.sum(dim=(0, 2), dtype=torch.promote_types(x.dtype, torch.float32))
+            grad_gate = total.reshape(ctx.gate_shape).to(ctx.gate_device, ctx.gate_dtype)
+        return grad, grad_gate
+
+
+def gate_probe(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged, with ``gate`` (float32 ``[num_units]`` or a scalar, ``x.shape[-1]`` a multiple of
+    its size) in the graph: backward leaves ``dL/dx`` as it is and gives the gate
+    ``dL/dm_u = sum over tokens of x_u . dL/dx_u`` (one product and a sum, no forward work), the
+    gradient of ``x * repeat_interleave(m)`` at ``m = 1``."""
+    return _GateProbe.apply(x, gate)
+
+
+def _apply_gate(module: nn.Module, args, *, gate: torch.Tensor):
+    """Forward pre-hook: ``x`` through :func:`gate_probe` (one gate per unit of ``x``'s last dimension).
     Only in training-mode forwards that build a graph: evaluation pays nothing, and the no-grad first
     pass of reentrant checkpointing is skipped (its recomputation, with grad, counts instead)."""
     if not (module.training and torch.is_grad_enabled()):
         return None
-    x = args[0]
-    return (x * gate.repeat_interleave(unit_size).to(x.device, x.dtype), *args[1:])  # [..., in] * [in]
+    return (gate_probe(args[0], gate), *args[1:])
 
 
 def _mean_over_processes(t: torch.Tensor) -> torch.Tensor:
