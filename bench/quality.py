@@ -90,6 +90,9 @@ def parse_args(argv=None):
                    help="param_pruning_ratio (share of decoder parameters) for every run; --ratios then only names "
                         "the runs. One-shot runs prune the same per-layer counts as the trainer would.")
     p.add_argument("--attention-unit", default="kv_group", choices=["kv_group", "query_head"])
+    p.add_argument("--width-multiple", type=int, default=8,
+                   help="width_multiple (kept MLP channels rounded down to a multiple of it) for every run; 1 keeps "
+                        "exact counts (what runs before it became the library's default of 8 used).")
     p.add_argument("--distill-alpha", type=float, default=0.0)
     p.add_argument("--distill-temperature", type=float, default=1.0)
     p.add_argument("--distill-teacher", default="base", choices=["base", "dense"])
@@ -429,7 +432,7 @@ def run_iterative(base, tok, train_ds, criterion, ratio, args, tmp, curve=None):
     cfg = LoRAPruneConfig(**train_kwargs(args, tmp), pruning_ratio=ratio, prune_freq=args.prune_freq,
                           attention_pruning_ratio=args.attention_ratio, mlp_pruning_ratio=args.mlp_ratio,
                           param_pruning_ratio=args.param_ratio, attention_unit=args.attention_unit,
-                          distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
+                          width_multiple=args.width_multiple, distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
                           distill_teacher=args.distill_teacher, compensation=args.compensation,
                           compensation_lambda=args.compensation_lambda,
                           compensation_batches=args.compensation_batches, **VARIANTS[criterion])
@@ -467,7 +470,7 @@ def run_oneshot(base, tok, train_ds, calib, criterion, ratio, args, tmp):
         attention_ratio, mlp_ratio, counts = oneshot_budget_ratios(base, args)
     result = oneshot_prune(copy.deepcopy(base), tok, calib, criterion=variant["pruning_criterion"],
                            pruning_ratio=ratio, attention_ratio=attention_ratio, mlp_ratio=mlp_ratio,
-                           attention_unit=args.attention_unit,
+                           attention_unit=args.attention_unit, width_multiple=args.width_multiple,
                            score_form=variant.get("score_form", "square"),
                            normalize_scores=variant.get("normalize_scores", False),
                            max_length=args.max_length, batch_size=args.batch, seed=args.seed,
@@ -499,7 +502,7 @@ def oneshot_budget_ratios(base, args) -> tuple[float, float, dict]:
     attn, mlp = structure.attention[0], structure.mlp[0]
     a, m = budget_prune_counts(attn, mlp, unit_parameters(structure, attn), unit_parameters(structure, mlp),
                                structure.num_layers, decoder_parameters(structure), args.param_ratio,
-                               args.attention_ratio, args.mlp_ratio)
+                               args.attention_ratio, args.mlp_ratio, args.width_multiple)
     return a / attn.num_units, m / mlp.num_units, {"attention": a, "mlp": m}
 
 

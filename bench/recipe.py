@@ -38,7 +38,7 @@ import common  # noqa: E402
 logger = logging.getLogger("bench.recipe")
 
 # One knob at a time, from the demo config (LoRA r 8 / alpha 16, lr 3e-4 linear, prune_freq 5, ema 0.9,
-# cooldown 0.2, no compensation).
+# cooldown 0.2, no compensation, kept MLP widths multiples of 8).
 SETTINGS: dict[str, list[str]] = {
     "demo": [],
     "r32": ["--lora_r", "32", "--lora_alpha", "64"],
@@ -53,6 +53,9 @@ SETTINGS: dict[str, list[str]] = {
     "norms": ["--lora_modules_to_save", "input_layernorm", "post_attention_layernorm", "norm"],
     "lstsq": ["--compensation", "lstsq"],
     "steps480": ["--max_steps", "480"],
+    # Kept MLP widths: exact counts (the default before it became 8) and GPU-tile multiples.
+    "width1": ["--width_multiple", "1"],
+    "width64": ["--width_multiple", "64"],
     # Depth (whole decoder layers, SmolLM2 has 30) inside the same 20% budget; MLP channels make up the rest.
     "depth2": ["--layer_pruning_ratio", "0.0667"],
     "depth4": ["--layer_pruning_ratio", "0.1334"],

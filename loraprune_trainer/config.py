@@ -76,11 +76,12 @@ class LoRAPruneConfig(SFTConfig):
         pruning_cooldown_ratio (`float`, defaults to `0.1`):
             Fraction of training steps at the end with the full target pruned (recovery fine-tuning).
 
-        width_multiple (`int`, defaults to `1`):
+        width_multiple (`int`, defaults to `8`):
             Round the number of MLP channels every layer keeps down to a multiple of this (the budget or ratio is
-            met or exceeded, never missed). Matrix kernels run full tiles on aligned widths (multiples of 8 for GPU
-            tensor cores, 64 or 128 for full tiles); attention widths are whole heads, already multiples of
-            `head_dim`. 1 keeps the exact count.
+            met or exceeded, never missed). Matrix kernels run full tiles on aligned widths: multiples of 8 for GPU
+            tensor cores (the default, which costs at most 7 channels a layer), 64 or 128 for full GPU tiles (worth
+            it on large models, where 63 channels are a small share of the MLP). Attention widths are whole heads,
+            already multiples of `head_dim`. 1 keeps the exact count.
 
         > Whole decoder layers (depth pruning, see `loraprune_trainer.depth`)
 
@@ -167,7 +168,7 @@ class LoRAPruneConfig(SFTConfig):
     )
 
     width_multiple: int = field(
-        default=1,
+        default=8,
         metadata={"help": "Round the MLP channels each layer keeps down to a multiple of this (more channels go, "
                           "never fewer); 1 = no rounding."},
     )

@@ -182,13 +182,15 @@ class ScoredModel:
 
 
 def prune_by_scores(state: PruningState, attention_ratio: float, mlp_ratio: float,
-                    layer_ratio: float = 0.0) -> dict[str, int]:
+                    layer_ratio: float = 0.0, width_multiple: int = 8) -> dict[str, int]:
     """Grow every mask of ``state`` to the target in one go (lowest scores first, evenly over KV
-    groups where units share them; ``layer_ratio`` of the decoder layers by ``state.layer_scores``);
+    groups where units share them; ``layer_ratio`` of the decoder layers by ``state.layer_scores``;
+    MLP channels kept rounded down to a multiple of ``width_multiple``, as the trainer does);
     returns ``{group name: units pruned}``."""
     counts = {}
     for name, group in state.groups.items():
-        counts[name] = final_prune_count(group, attention_ratio if group.kind == "attention" else mlp_ratio)
+        counts[name] = final_prune_count(group, attention_ratio if group.kind == "attention" else mlp_ratio,
+                                         width_multiple)
         state.prune_to(name, counts[name])
     if layer_ratio:
         state.prune_layers_to(final_layer_count(state.structure.num_layers, layer_ratio))
@@ -200,12 +202,14 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
                   attention_unit: str = "kv_group", max_length: int = 128, batch_size: int = 4,
                   score_form: str = "square", normalize_scores: bool = False, seed: int = 0,
                   lora_config=None, compensation: str = "none", compensation_lambda: float = 0.1,
-                  layer_ratio: float = 0.0, layer_criterion: str = "taylor_gate") -> OneShotResult:
+                  layer_ratio: float = 0.0, layer_criterion: str = "taylor_gate",
+                  width_multiple: int = 8) -> OneShotResult:
     """Score ``model`` once with ``criterion`` (:func:`oneshot_scores`), prune to the target and
     return the compact pruned model. ``model`` is left as it was (same weights, no adapter).
     Ratios are per layer, rounded exactly as the trainer rounds them. ``layer_ratio``: the share of
     whole decoder layers removed as well, chosen by ``layer_criterion`` (as in the trainer's
-    ``layer_pruning_ratio`` / ``layer_criterion``).
+    ``layer_pruning_ratio`` / ``layer_criterion``). ``width_multiple``: the MLP channels every layer
+    keeps are rounded down to a multiple of it (the trainer's ``width_multiple``; 1 keeps exact counts).
 
     ``compensation`` (``"none"``, ``"lstsq"``, ``"bias"``) and ``compensation_lambda``: as in
     :class:`~loraprune_trainer.config.LoRAPruneConfig`; the statistics come from the calibration
@@ -220,6 +224,8 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
                          "`calibration_texts`.")
     attn_ratio = pruning_ratio if attention_ratio is None else attention_ratio
     mlp_r = pruning_ratio if mlp_ratio is None else mlp_ratio
+    if not (isinstance(width_multiple, int) and width_multiple >= 1):
+        raise ValueError(f"`width_multiple` must be an integer >= 1, got {width_multiple!r}")
     for name, value in (("pruning_ratio", pruning_ratio), ("attention_ratio", attn_ratio), ("mlp_ratio", mlp_r),
                         ("layer_ratio", layer_ratio)):
         if not 0.0 <= value < 1.0:
@@ -236,7 +242,7 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
     try:
         structure = state.structure
         before = {n: k.clone() for n, k in state.keep.items()}
-        counts = prune_by_scores(state, attn_ratio, mlp_r, layer_ratio)
+        counts = prune_by_scores(state, attn_ratio, mlp_r, layer_ratio, width_multiple)
         if compensation != "none":
             undo = {}
             records = _compensate_calibrated(scored.peft_model, structure, before, state.keep, compensation,
@@ -266,6 +272,7 @@ def oneshot_prune(model: nn.Module, tokenizer, calibration_texts: list[str] | No
         "intermediate_size": info["intermediate_size"],
         "layer_ratio": layer_ratio,
         "layer_criterion": layer_criterion if layer_ratio else None,
+        "width_multiple": width_multiple,
         "kept_layers": info["kept_layers"],
         "compensation": compensation,
         "compensation_lambda": compensation_lambda if compensation == "lstsq" else None,

@@ -293,6 +293,7 @@ class LoRAPruneTrainer(SFTTrainer):
             "mlp_channels_pruned_per_layer": self.final_prune_counts[mlp.name],
             "mlp_requested_ratio": mlp_asked,
             "mlp_achieved_ratio": self.final_prune_counts[mlp.name] / mlp.num_units,
+            "width_multiple": self.args.width_multiple,
             "num_layers": num_layers,
             "layers_requested_ratio": self.args.layer_pruning_ratio,
             "layers_pruned": layers,
@@ -308,10 +309,13 @@ class LoRAPruneTrainer(SFTTrainer):
                 total = s["attention_units_per_layer"] if kind == "attention" else s["mlp_channels_per_layer"]
                 pruned = s["attention_units_pruned_per_layer"] if kind == "attention" else s[
                     "mlp_channels_pruned_per_layer"]
+                aligned = (f", keeping a multiple of width_multiple={self.args.width_multiple} channels (set "
+                           "width_multiple=1 for exact counts)" if kind == "mlp" and self.args.width_multiple > 1
+                           else "")
                 warnings.warn(
                     f"{kind} pruning ratio {requested:g} rounds to {pruned} of {total} {unit} per layer "
                     f"({achieved:.1%}) with attention_unit={self.structure.attention_unit!r} "
-                    f"({self.structure.num_heads} query heads over {self.structure.num_kv_heads} KV heads).",
+                    f"({self.structure.num_heads} query heads over {self.structure.num_kv_heads} KV heads){aligned}.",
                     stacklevel=3,
                 )
 

@@ -52,7 +52,7 @@ def test_train_py_end_to_end_with_yaml_config(tmp_path, tiny_folder, monkeypatch
     out = capsys.readouterr().out
     assert "parameters (whole model)" in out and "perplexity" in out
     pruned = AutoModelForCausalLM.from_pretrained(summary["pruned_dir"])
-    assert pruned.config.intermediate_size == 30  # 40 channels, 25% pruned
+    assert pruned.config.intermediate_size == 24  # 40 channels, 25% pruned keeps 30: 24 with width_multiple 8
     assert pruned.config.num_key_value_heads == 1  # 2 KV groups, 50% pruned
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["parameters"]["model_after"] < saved["parameters"]["model_before"]

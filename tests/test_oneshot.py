@@ -24,11 +24,13 @@ def test_oneshot_prunes_to_target_and_compact_equals_masked(criterion):
     result = oneshot_prune(model, tiny_tokenizer(), texts(), criterion=criterion, pruning_ratio=0.5, batch_size=4)
     state = result.pruning_state
     for name, group in state.groups.items():
-        expected = 1 if group.kind == "attention" else 20  # 2 KV groups -> 1; 40 channels -> 20
+        # 2 KV groups -> 1; 40 channels -> 20 kept, rounded down to 16 by the default width_multiple (8)
+        expected = 1 if group.kind == "attention" else 24
         assert state.num_pruned(name) == expected
         assert torch.isfinite(state.scores[name]).all() and state.scores[name].std() > 0
     cfg = result.model.config
-    assert (cfg.num_key_value_heads, cfg.num_attention_heads, cfg.intermediate_size) == (1, 3, 20)
+    assert (cfg.num_key_value_heads, cfg.num_attention_heads, cfg.intermediate_size) == (1, 3, 16)
+    assert result.report["width_multiple"] == 8
     assert result.report["parameters_after"] < result.report["parameters_before"]
     # The caller's model is left as it was: same weights and requires_grad flags, no adapter, no grads.
     assert not any("lora_" in n for n, _ in model.named_parameters())
@@ -98,3 +100,12 @@ def test_prune_then_finetune_sees_as_many_tokens_as_iterative(tmp_path):
     # Merged back into a plain model of the compact size, and the fine-tune changed its weights.
     assert not any("lora_" in n for n, _ in tuned.named_parameters())
     assert sum(p.numel() for p in tuned.parameters()) == compact_params
+
+
+def test_oneshot_width_multiple_one_keeps_exact_counts_and_bad_values_are_refused():
+    result = oneshot_prune(tiny_model("llama-gqa", seed=0), tiny_tokenizer(), None, criterion="magnitude",
+                           pruning_ratio=0.5, width_multiple=1)
+    assert result.model.config.intermediate_size == 20 and result.report["width_multiple"] == 1
+    with pytest.raises(ValueError, match="`width_multiple` must be an integer >= 1"):
+        oneshot_prune(tiny_model("llama-gqa", seed=0), tiny_tokenizer(), None, criterion="magnitude",
+                      pruning_ratio=0.5, width_multiple=0)

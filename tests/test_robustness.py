@@ -207,6 +207,20 @@ def test_layer_ratio_removing_every_layer_or_over_budget(tmp_path):
 def test_valid_input_passes_every_check(tmp_path):
     """The checks must not reject good input (else every row above could pass trivially)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # pruning_ratio 0.5 rounds exactly: no warning
-        trainer = _trainer(tmp_path)
+        # Ratios that round exactly: 1 of 2 KV groups; 24 of 40 channels keeps 16, a multiple of 8: no warning
+        warnings.simplefilter("error", UserWarning)
+        trainer = _trainer(tmp_path, args=_args(tmp_path, mlp_pruning_ratio=0.6))
     assert trainer.final_prune_counts["layers.0.attention"] == 1
+    assert trainer.final_prune_counts["layers.0.mlp"] == 24
+
+
+def test_rounding_warning_names_width_multiple(tmp_path):
+    """0.5 of 40 channels keeps 20, which the default width_multiple (8) rounds down to 16: the warning
+    says so and how to get exact counts; with width_multiple=1 the same ratio rounds exactly."""
+    with pytest.warns(UserWarning, match=r"rounds to 24 of 40 MLP channels.*width_multiple=8.*width_multiple=1"):
+        trainer = _trainer(tmp_path)
+    assert trainer.args.width_multiple == 8 and trainer.final_prune_counts["layers.0.mlp"] == 24
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        exact = _trainer(tmp_path, args=_args(tmp_path, width_multiple=1))
+    assert exact.final_prune_counts["layers.0.mlp"] == 20

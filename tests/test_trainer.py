@@ -55,7 +55,10 @@ def test_trainer_prunes_to_target_exports_and_reloads(tmp_path, arch, unit, chec
     assert state.num_score_updates > 0
     logged = [log for log in recorder.logs if "loss" in log]
     assert logged and all("prune/params" in log and "prune/mlp_sparsity" in log for log in logged)
-    assert logged[-1]["prune/mlp_sparsity"] == pytest.approx(0.5, abs=0.03)
+    # 0.5 asked; kept channels rounded down to a multiple of 8 (the default width_multiple) remove a bit more
+    achieved = trainer.target_summary()["mlp_achieved_ratio"]
+    assert 0.5 <= achieved < 0.7 and logged[-1]["prune/mlp_sparsity"] == pytest.approx(achieved)
+    assert (trainer.target_summary()["mlp_channels_per_layer"] - trainer.final_prune_counts["layers.0.mlp"]) % 8 == 0
     assert logged[0]["prune/params"] >= logged[-1]["prune/params"]
 
     ids = torch.randint(4, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
