@@ -871,8 +871,114 @@ def section_overhead(parts):
                                                   "peak_memory_ratio", "pruning_s_per_step", "pruning_fraction_in_run")
                                       if any(c in r for r in o["rows"])], fmt="{:.3f}") + "\n")
     parts.append("`pruning_s_per_step` is the callback's own time (scoring and mask updates) inside the same steps; "
-                 "`taylor_gate`'s cost sits in the forward and backward passes instead (one multiply per gated "
-                 "layer), so only the step-time ratio shows it. `+kd` adds a teacher forward without gradient.\n")
+                 "`taylor_gate`'s cost sits in the backward pass instead (`gate_probe`: the gate is an identity in "
+                 "the forward, one product and a sum per gated layer in the backward), so only the step-time ratio "
+                 "shows it. `+kd` adds a teacher forward without gradient. Step time per round:\n")
+    round_rows = [{"variant": v, **{f"round {i + 1}": r["median_step_s"] for i, r in enumerate(rs)}}
+                  for v, rs in o.get("runs", {}).items()]
+    if round_rows:
+        parts.append(md_table(round_rows, list(round_rows[0]), fmt="{:.3f}") + "\n")
+    prof = load("overhead_profile_cpu.json")
+    if prof and prof.get("profile_diff"):
+        first = prof["settings"]["variants"][0]
+        parts.append(f"Where the time goes (`python bench/overhead.py --threads 1 --variants "
+                     f"{' '.join(prof['settings']['variants'])} --rounds {prof['settings']['rounds']} --steps "
+                     f"{prof['settings']['steps']} --warmup {prof['settings']['warmup']} --profile`; torch.profiler "
+                     f"self CPU time per step, each variant minus `{first}`, the largest differences; the profiler "
+                     "slows every op, and single large ops such as `aten::mm` move by tens of ms between runs, so "
+                     "only ops that exist in one variant alone are attributable):\n")
+        rows = []
+        for variant, diffs in prof["profile_diff"].items():
+            rows += [{"variant": variant, "op": op, "ms_per_step": ms} for op, ms in list(diffs.items())[:10]]
+        parts.append(md_table(rows, ["variant", "op", "ms_per_step"], fmt="{:+.1f}") + "\n")
+
+
+def section_scale(parts):
+    parts.append("## Cost at Llama-3-8B layer shapes (paper Table 4)\n")
+    found = [(name, load(name)) for name in ("scale_cpu.json", "scale_cpu_int8.json", "scale_cpu_nf4.json",
+                                             "scale_cuda.json", "scale_cuda_nf4.json")]
+    found = [(n, d) for n, d in found if d and "rows" in d]
+    if not found:
+        parts.append("_Not run yet (`python bench/scale.py --threads 1`)._\n")
+        return
+    parts.append("A random-initialised Llama with the 8B model's layer shapes (hidden 4096, MLP 14336, 32 query "
+                 "heads over 8 KV heads, head dim 128) and a few decoder layers; SmolLM2's 49,152-token vocabulary "
+                 "(the 8B model has 128,256), tied embeddings. Each variant is timed in its own process at equal "
+                 "batch and steps (`bench/overhead.py`); step time and peak memory are fitted as "
+                 "`fixed + per_layer x layers` through the measured layer counts, and the 32-layer columns "
+                 "extrapolate that line. `per_layer` holds what grows with depth (projections, LoRA, activations, "
+                 "each criterion's per-layer work); `fixed` the embeddings, head, loss and process. Ratios "
+                 "`step_x_first_Nl` are measured against plain LoRA SFT (`sft`) at N layers in the same run; "
+                 "`step_x_first_32l` comes from the fitted lines. The fit takes differences of step times that "
+                 "move by a few percent between rounds, so a variant whose real per-layer cost equals `sft`'s can "
+                 "land several percent away at 32 layers: read the measured columns first, and the op profile "
+                 "below for what a criterion really adds per layer.\n")
+    for name, d in found:
+        measured = [f"step_x_first_{n}l" for n in d["runs"]]
+        cols = ["variant", *measured, "step_s_fixed", "step_s_per_layer", "step_s_32_layers", "step_x_first_32l",
+                "mem_mib_fixed", "mem_mib_per_layer", "mem_mib_32_layers", "mem_x_first_32l"]
+        st = d["settings"]
+        busy = " **Busy machine: timings marked busy.**" if d.get("busy") else ""
+        loads = [r.get("load_average_at_start") for r in d.get("runs", {}).values()]
+        parts.append(f"`{d.get('command', 'python bench/scale.py')}`: {st['dtype']}"
+                     f"{', ' + st['quant'] + ' base' if st.get('quant', 'none') != 'none' else ''}, layers "
+                     f"{st['layers']}, batch {st['batch']} x {st['seq']} tokens, {st['steps']} measured steps, "
+                     f"{st.get('threads') or 'default'} torch thread(s); load at start of each layer count "
+                     f"{', '.join(_load(x) for x in loads)}; {d['wall_s'] / 60:.0f} min.{busy}\n")
+        parts.append(md_table(d["rows"], [c for c in cols if any(c in r for r in d["rows"])]) + "\n")
+        t4 = d.get("table4")
+        if t4:
+            parts.append(f"`lora` against `vanilla` at 32 layers: {t4['memory_saving_%']:.1f}% less peak memory and "
+                         f"{t4['speedup_%']:.1f}% faster steps; the paper's Table 4 (LLaMA-7B, GPU): "
+                         f"{t4['paper']['memory_saving_%']}% and {t4['paper']['speedup_%']}%.\n")
+    prof = load("scale_cpu_profile.json")
+    if prof and prof.get("runs"):
+        rows = []
+        for layers, run in sorted(prof["runs"].items(), key=lambda kv: int(kv[0])):
+            for variant, diffs in (run.get("profile_diff") or {}).items():
+                own = [r.get("profile_own_functions_total_ms_per_step", {}) for r in run["runs"][variant]]
+                rows.append({"layers": int(layers), "variant": variant,
+                             "gate_probe_ms": sum(sum(o.values()) for o in own) / max(len(own), 1),
+                             "top_ops": ", ".join(f"{op} {ms:+.0f}" for op, ms in list(diffs.items())[:4])})
+        if rows:
+            parts.append(f"Op profile at these shapes (`{prof.get('command', 'python bench/scale.py --profile')}`): "
+                         "self CPU ms per step that a variant adds to `sft` (profiled runs, so slower than the "
+                         "table's; `gate_probe_ms` is the gate's autograd functions with "
+                         "the ops they call, the rest are the largest differences of shared ops, whose times move "
+                         "between runs):\n")
+            parts.append(md_table(rows, ["layers", "variant", "gate_probe_ms", "top_ops"], fmt="{:.1f}") + "\n")
+
+
+def section_widths(parts):
+    parts.append("## Aligned widths (`width_multiple`)\n")
+    mlp, demo = load("width_speed.json"), load("width_multiple.speed.json")
+    if not mlp and not demo:
+        parts.append("_Not run yet (`python bench/width_speed.py --threads 1`)._\n")
+        return
+    if mlp:
+        parts.append(f"One MLP's up + down projection on `[{mlp['settings']['tokens']}, {mlp['settings']['hidden']}]` "
+                     f"inputs at each kept width (`{mlp['command']}`, median of {mlp['settings']['repeats']}); "
+                     f"{_quiet_line(mlp)} `per_channel_vs_full` = time per channel against the full "
+                     f"{mlp['settings']['full']}-channel MLP (above 1: the width runs slower than its FLOPs say).\n")
+        parts.append(md_table(mlp["rows"], ["width", "multiple_of", "ms", "ms_min", "ms_max", "time_vs_full",
+                                            "ideal_vs_full", "per_channel_vs_full"], fmt="{:.3f}") + "\n")
+    if demo:
+        kept = {}
+        for name, rep in (demo.get("pruned_reports") or {}).items():
+            widths = {layer.get("mlp_channels_kept") for layer in (rep.get("layers") or [])
+                      if isinstance(layer, dict)} - {None}
+            if widths:
+                kept[name] = "/".join(str(w) for w in sorted(widths))
+        parts.append(f"The demo's export at the default `width_multiple` 8 (`demo`) and with 1 (`width1`, exact "
+                     f"counts), both from `bench/recipe.py` (`recipe/demo-seed-0`, `recipe/width1-seed-0`), against "
+                     f"dense in one run (`{demo['command']}`); {_quiet_line(demo)}\n")
+        rows = [r for r in demo["rows"] if r["model"] != "dense"]
+        for r in rows:
+            r["gap_to_ideal_%"] = 100 * (r["measured_speedup"] / r["ideal_speedup"] - 1)
+            r["mlp_kept"] = kept.get(r["model"])
+        parts.append(md_table(rows, [c for c in ("kind", "model", "mlp_kept", "batch", "seq", "params_M",
+                                                  "measured_speedup", "ideal_speedup", "gap_to_ideal_%")
+                                     if c != "mlp_kept" or kept]) + "\n")
 
 
 def section_speed(parts):
@@ -935,7 +1041,8 @@ def section_depth(parts):
     runs = data["runs"]
     parts.append(
         "Every run is the demo config (`configs/smollm2_demo.yaml`: 20% of decoder parameters, `taylor_gate`, 160 "
-        "steps of 4 x 128 C4 tokens = 81,920 training tokens, LoRA r 8) with depth flags added: `demo` cuts MLP "
+        "steps of 4 x 128 C4 tokens = 81,920 training tokens, LoRA r 8, exact MLP widths: these runs predate "
+        "`width_multiple`'s default of 8) with depth flags added: `demo` cuts MLP "
         "channels only; `depthK` removes K of the 30 decoder layers (`layer_pruning_ratio`, layer gates along the "
         "cubic schedule) and MLP channels of the kept layers make up the rest of the budget (none for K = 6); "
         "`bi6` / `last6` remove 6 layers chosen one-shot by block influence (ShortGPT) / as the layers before the "
@@ -1011,8 +1118,10 @@ def main():
     section_spread(parts)
     section_zeroshot(parts)
     section_speed(parts)
+    section_widths(parts)
     section_cost(parts)
     section_overhead(parts)
+    section_scale(parts)
     section_criteria_check(parts)
     section_recovery(parts)
     section_mask_agreement(parts)

@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="runs per variant and layer count (medians; order rotates)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default="smollm2-gguf", help="Where the tokenizer (and vocabulary size) come from.")
     p.add_argument("--dataset", default=None, help="Training text for overhead.py (default: its C4 sample).")
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="Pass --profile to overhead.py: the ops each variant adds to the first, per layer count.")
     p.add_argument("--allow-busy", action="store_true")
     p.add_argument("--max-load", type=float, default=None)
     return p.parse_args(argv)
@@ -105,18 +108,23 @@ def main(argv=None):
             build_model(layers, tokenizer, folder)
             result_path = os.path.join(work, f"overhead-{layers}.json")
             cmd = ["--model", folder, "--variants", *args.variants, "--batch", str(args.batch), "--seq", str(args.seq),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", "1", "--threads",
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds), "--threads",
                    str(args.threads), "--device", args.device, "--dtype", args.dtype, "--quant", args.quant,
                    "--out", result_path]
             if args.dataset:
                 cmd += ["--dataset", args.dataset]
             if args.allow_busy:
                 cmd.append("--allow-busy")
+            if args.profile:
+                cmd.append("--profile")
             if args.max_load is not None:
                 cmd += ["--max-load", str(args.max_load)]
             overhead.main(cmd)
             with open(result_path) as f:
                 runs[layers] = json.load(f)
+            # The model and result files were temporary: record what they were, not where.
+            runs[layers]["settings"].update(model=f"llama3-8b-shapes-{layers}l (random, built by bench/scale.py)",
+                                            out=None)
             shutil.rmtree(folder, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -135,6 +143,8 @@ def main(argv=None):
                      **{f"step_s_{n}l": step[n] for n in step}, **{f"mem_mib_{n}l": mem[n] for n in mem}})
     base = rows[0]
     for r in rows:
+        for n in runs:  # measured directly, side by side: steadier than the fitted extrapolation
+            r[f"step_x_first_{n}l"] = r[f"step_s_{n}l"] / base[f"step_s_{n}l"]
         r["step_x_first_32l"] = r[f"step_s_{FULL_DEPTH}_layers"] / base[f"step_s_{FULL_DEPTH}_layers"]
         r["mem_x_first_32l"] = r[f"mem_mib_{FULL_DEPTH}_layers"] / base[f"mem_mib_{FULL_DEPTH}_layers"]
     by = {r["variant"]: r for r in rows}
