@@ -7,7 +7,8 @@ drops the layers and renumbers the rest.
 
 Which layers go (lowest score first; scores are float32 ``[num_layers]``):
 
-* ``taylor_gate``: a scalar gate ``m_l`` multiplies both residual contributions of layer ``l``. At
+* ``taylor_gate``: a scalar gate ``m_l`` on both residual contributions of layer ``l`` (as if it
+  multiplied them; :func:`~loraprune_trainer.criteria.taylor.gate_probe` computes only its gradient). At
   ``m = 1`` nothing changes, and ``-dL/dm_l`` is the first-order loss change of removing the layer
   (both paths, and the attention's effect on the MLP's input, through one scalar):
 

@@ -133,7 +133,7 @@ class TaylorGateCriterion(Criterion):
     clipping's norm, checkpoints, the export and FSDP sharding. The price is one all-reduce of the
     gate gradients per scored step under multi-process training (the mean over ranks, as DDP does
     for parameters); :meth:`score` does it. Gradient checkpointing keeps counting each token once:
-    a recomputed forward multiplies by the same gate, but autograd backpropagates one graph.
+    a recomputed forward probes with the same gate, but autograd backpropagates one graph.
     Scores are of unclipped gradients, divided by the loss scale of an fp16 ``GradScaler``.
     """
 
