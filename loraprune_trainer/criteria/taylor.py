@@ -215,7 +215,7 @@ class _GateProbe(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_gate = None
         if ctx.needs_input_grad[1]:
-            num_units = max(1, ctx.gate_shape.numel())
+            num_units = ctx.gate_shape.numel()  # 1 for a scalar gate
             per_unit = (x * grad).reshape(-1, num_units, x.shape[-1] // num_units)  # [tokens, units, unit_size]
             total = per_unit.sum(dim=(0, 2), dtype=torch.promote_types(x.dtype, torch.float32))
             grad_gate = total.reshape(ctx.gate_shape).to(ctx.gate_device, ctx.gate_dtype)
