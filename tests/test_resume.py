@@ -18,9 +18,12 @@ def _losses(trainer):
 
 
 # Width criteria, and depth pruning (4 layers, 2 removed) by layer gates and by block influence, whose
-# running cosine sums must travel with the checkpoint too.
+# running cosine sums must travel with the checkpoint too; RMSNorm weights trained next to LoRA (PEFT's
+# modules_to_save) must come back from the checkpoint as well.
 SETTINGS = {
     "lora": dict(pruning_criterion="lora"),
+    "norms-taylor_gate": dict(pruning_criterion="taylor_gate",
+                              lora_modules_to_save=["input_layernorm", "post_attention_layernorm", "norm"]),
     "taylor_gate": dict(pruning_criterion="taylor_gate"),
     "layers-taylor_gate": dict(pruning_criterion="taylor_gate", num_layers=4, layer_pruning_ratio=0.5),
     "layers-block_influence": dict(pruning_criterion="lora", num_layers=4, layer_pruning_ratio=0.5,
@@ -76,6 +79,12 @@ def test_resumed_run_matches_uninterrupted(runs, tmp_path):
         torch.testing.assert_close(resumed.pruning_state.scores[name], straight.pruning_state.scores[name],
                                    rtol=1e-5, atol=1e-12)
     assert resumed.pruning_state.num_score_updates == straight.pruning_state.num_score_updates
+    if straight.test_settings.get("lora_modules_to_save"):
+        norms = {n: p for n, p in straight.model.named_parameters() if "modules_to_save" in n}
+        assert norms, "no trained norm copies: modules_to_save did not reach PEFT"
+        resumed_params = dict(resumed.model.named_parameters())
+        for name, weight in norms.items():
+            torch.testing.assert_close(resumed_params[name], weight, rtol=1e-5, atol=1e-7)
     expected, got = _losses(straight), _losses(resumed)
     # log_history holds the checkpoint's steps 1..SAVE (restored) and the newly trained ones.
     assert sorted(got) == list(range(1, STEPS + 1))

@@ -26,7 +26,7 @@ from loraprune_trainer import LoRAPruneConfig, LoRAPruneTrainer  # noqa: E402
 def make_trainer(output_dir: str, max_steps: int = 12, per_device_batch: int = 4, grad_accum: int = 2,
                  prune_freq: int = 2, pruning_ratio: float = 0.5, save_steps: int | None = None,
                  report_to: str = "none", arch: str = "llama-gqa", model=None, eval_dataset=None, num_layers: int = 2,
-                 **extra):
+                 lora_modules_to_save: list[str] | None = None, **extra):
     """A LoRAPruneTrainer over 64 fixed samples of 24 tokens (lr 1e-3 so masks follow the data)."""
     args = LoRAPruneConfig(
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=per_device_batch,
@@ -35,7 +35,8 @@ def make_trainer(output_dir: str, max_steps: int = 12, per_device_batch: int = 4
         gradient_checkpointing=False, seed=0, data_seed=0, dataloader_drop_last=True,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, disable_tqdm=True, **extra,
     )
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                      modules_to_save=lora_modules_to_save)
     return LoRAPruneTrainer(model if model is not None else tiny_model(arch, num_layers=num_layers), args,
                             train_dataset=tiny_text_dataset(64), eval_dataset=eval_dataset,
                             processing_class=tiny_tokenizer(), peft_config=lora)
