@@ -1040,6 +1040,10 @@ def _recipe_runs_section(parts, name: str):
     return data, dense_row, rows
 
 
+def _fmt_load(v):
+    return "?" if v is None else f"{v:.1f}"
+
+
 def _pct(v):
     return None if v is None else 100 * v
 
@@ -1107,10 +1111,26 @@ def section_recipe(parts):
     threads = {run["run"]: (run.get("machine") or {}).get("torch_threads") for run in data["runs"]}
     for r in rows:
         r["threads"] = threads.get(f"{r['setting']}-seed-{r['seed']}")
-    parts.append(md_table([dense_row] + rows, ["setting", "seed", "wikitext2", "ptb", "c4", "wikitext2_x_dense",
-                                              "tokens", "threads"]) + "\n")
-    parts.append(md_table(data["spread"], ["setting", "seeds", "wikitext2_mean", "wikitext2_min", "wikitext2_max",
-                                           "ptb_mean", "c4_mean", "verdict_vs_demo"]) + "\n")
+        r["load_start/end"] = f"{_fmt_load(r.get('load'))} / {_fmt_load(r.get('load_end'))}"
+    parts.append(md_table([dense_row] + rows, ["setting", "knob", "seed", "wikitext2", "ptb", "c4",
+                                              "wikitext2_x_dense", "tokens", "train_min", "load_start/end",
+                                              "threads"]) + "\n")
+    parts.append("`train_min` is training alone (the curve's evaluations excluded) on the 2-core CPU with `threads` "
+                 "torch threads: a 2-thread run alone holds the 1-minute load near 2, so a start or end load of 3 or more means another job "
+                 "shared the cores and that run's time is not comparable.\n")
+    parts.append("Per setting, mean (min-max) over seeds:\n")
+    spread_rows = []
+    for g in data["spread"]:
+        row = {"setting": g["setting"], "knob": next((r.get("knob") for r in rows if r["setting"] == g["setting"]), ""),
+               "seeds": g["seeds"], "verdict_vs_demo": g.get("verdict_vs_demo")}
+        for key in ("wikitext2", "ptb", "c4", "wikitext2_x_dense", "train_min"):
+            if g.get(f"{key}_mean") is not None:
+                fmt = "{:.2f}" if key != "train_min" else "{:.1f}"
+                row[key] = (fmt.format(g[f"{key}_mean"]) if g["seeds"] == 1 else
+                            f"{fmt.format(g[f'{key}_mean'])} ({fmt.format(g[f'{key}_min'])}-{fmt.format(g[f'{key}_max'])})")
+        spread_rows.append(row)
+    parts.append(md_table(spread_rows, ["setting", "knob", "seeds", "wikitext2", "ptb", "c4", "wikitext2_x_dense",
+                                        "train_min", "verdict_vs_demo"]) + "\n")
     parts.append("Commands (one JSON per run in `bench/results/recipe/`):\n")
     parts.extend(f"- `{r['run']}`: `{r['command']}`" for r in data["runs"])
     parts.append("")

@@ -64,6 +64,17 @@ SETTINGS: dict[str, list[str]] = {
     "last6": ["--layer_pruning_ratio", "0.2", "--layer_criterion", "last"],
 }
 EVAL_SETS = ["wikitext2", "ptb", "c4"]
+# What each setting changes, for the report's `knob` column.
+KNOBS = {"demo": "(the demo config)", "r32": "LoRA rank", "r128": "LoRA rank", "rslora": "LoRA scaling",
+         "lr1e-3": "learning rate", "lr2e-3": "learning rate", "cosine": "lr schedule",
+         "cooldown0.5": "when cuts happen", "freq1": "when cuts happen", "ema0.99": "score smoothing",
+         "norms": "what else trains", "lstsq": "compensated cuts", "steps480": "tokens",
+         "width1": "MLP width multiple", "width64": "MLP width multiple"}
+
+
+def knob(setting: str) -> str:
+    """The knob a setting turns (``"a+b"``: both, joined with ``+``; depth settings: ``depth``)."""
+    return " + ".join(KNOBS.get(part, "depth") for part in setting.split("+"))
 
 
 def parse_args(argv=None):
@@ -268,9 +279,12 @@ def run_row(run: dict, dense: dict | None) -> dict:
     row.update({"layers": layers.get("after"), "removed_layers": " ".join(map(str, layers.get("removed") or [])),
                 "mlp_channels": (s.get("settings") or {}).get("mlp_channels_per_layer", 0)
                 - (s.get("settings") or {}).get("mlp_channels_pruned_per_layer", 0)})
-    row.update({"decoder_params_ratio": s["parameters"]["decoder_layers_ratio"], "tokens": tokens,
-                "train_min": run["train_wall_s"] / 60, "s_per_step": s.get("train_s_per_step"),
-                "load": (run.get("load_average_at_start") or [None])[0]})
+    # The curve's evaluations ride inside train.main's wall time; they are not training.
+    train_s = run["train_wall_s"] - (run.get("curve_eval_s") or 0.0)
+    row.update({"knob": knob(run["setting"]), "decoder_params_ratio": s["parameters"]["decoder_layers_ratio"],
+                "tokens": tokens, "train_min": train_s / 60, "s_per_step": s.get("train_s_per_step"),
+                "load": (run.get("load_average_at_start") or [None])[0],
+                "load_end": (run.get("load_average_at_end") or [None])[0]})
     return row
 
 
