@@ -53,6 +53,9 @@ SETTINGS: dict[str, list[str]] = {
     "norms": ["--lora_modules_to_save", "input_layernorm", "post_attention_layernorm", "norm"],
     "lstsq": ["--compensation", "lstsq"],
     "steps480": ["--max_steps", "480"],
+    # What tokens buy: 976 steps of 4 x 128 tokens = 499,712 tokens (about 6x the demo), and half the decoder.
+    "tokens500k": ["--max_steps", "976"],
+    "p50": ["--param_pruning_ratio", "0.5"],
     # Kept MLP widths: exact counts (the default before it became 8) and GPU-tile multiples.
     "width1": ["--width_multiple", "1"],
     "width64": ["--width_multiple", "64"],
@@ -69,6 +72,7 @@ KNOBS = {"demo": "(the demo config)", "r32": "LoRA rank", "r128": "LoRA rank", "
          "lr1e-3": "learning rate", "lr2e-3": "learning rate", "cosine": "lr schedule",
          "cooldown0.5": "when cuts happen", "freq1": "when cuts happen", "ema0.99": "score smoothing",
          "norms": "what else trains", "lstsq": "compensated cuts", "steps480": "tokens",
+         "tokens500k": "tokens", "p50": "budget (50%)",
          "width1": "MLP width multiple", "width64": "MLP width multiple"}
 
 

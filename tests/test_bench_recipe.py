@@ -37,6 +37,7 @@ def config(tmp_path):
 def test_setting_flags_combine_and_refuse_unknown():
     assert recipe.setting_flags("demo") == []
     assert recipe.setting_flags("lr1e-3+cosine") == ["--learning_rate", "1e-3", "--lr_scheduler_type", "cosine"]
+    assert recipe.knob("lstsq+lr1e-3") == "compensated cuts + learning rate"
     with pytest.raises(SystemExit, match="Unknown setting 'lr9'"):
         recipe.setting_flags("demo+lr9")
 
@@ -82,5 +83,9 @@ def test_runs_resume_and_report(tmp_path, data_dir, config):  # noqa: F811
     assert rows["depth6"]["gen_b1_speedup"] == 1.3 and rows["demo"]["fwd_b16_ideal"] == pytest.approx(1.2)
     assert rows["depth6"]["layers"] == 3 and rows["demo"]["layers"] == 4
     assert [a["verdict_vs_demo"] for a in summary["spread"]] == ["", "one seed"]
+    assert rows["demo"]["knob"] == "(the demo config)" and rows["depth6"]["knob"] == "depth"
+    curve_s = json.loads((out / "demo-seed-0.json").read_text())["curve_eval_s"]
+    assert rows["demo"]["train_min"] == pytest.approx((width["train_wall_s"] - curve_s) / 60)
+    assert rows["demo"]["load_end"] == width["load_average_at_end"][0]
     for suffix in (".json", ".png", ".curve.png", ".speed.png"):
         assert (tmp_path / f"study{suffix}").is_file(), suffix
