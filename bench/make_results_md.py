@@ -1117,7 +1117,11 @@ def section_recipe(parts):
                                               "threads"]) + "\n")
     parts.append("`train_min` is training alone (the curve's evaluations excluded) on the 2-core CPU with `threads` "
                  "torch threads: a 2-thread run alone holds the 1-minute load near 2, so a start or end load of 3 or more means another job "
-                 "shared the cores and that run's time is not comparable.\n")
+                 "shared the cores and that run's time is not comparable. Times compare only within one session: the "
+                 "machine's speed moves from day to day (the `demo` seeds ran on a faster day than the one-knob runs, "
+                 "and `lstsq`, the first of those, shared the cores with tests for a few minutes). The one-knob settings "
+                 "change the step's arithmetic little (except `lstsq`'s refits, about 1.2x a step: see Compensated "
+                 "cuts), so read their times as the day's demo time.\n")
     parts.append("Per setting, mean (min-max) over seeds:\n")
     spread_rows = []
     for g in data["spread"]:
