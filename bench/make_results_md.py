@@ -1113,15 +1113,10 @@ def section_recipe(parts):
         r["threads"] = threads.get(f"{r['setting']}-seed-{r['seed']}")
         r["load_start/end"] = f"{_fmt_load(r.get('load'))} / {_fmt_load(r.get('load_end'))}"
     parts.append(md_table([dense_row] + rows, ["setting", "knob", "seed", "wikitext2", "ptb", "c4",
-                                              "wikitext2_x_dense", "tokens", "train_min", "load_start/end",
+                                              "wikitext2_x_dense", "tokens", "load_start/end",
                                               "threads"]) + "\n")
-    parts.append("`train_min` is training alone (the curve's evaluations excluded) on the 2-core CPU with `threads` "
-                 "torch threads: a 2-thread run alone holds the 1-minute load near 2, so a start or end load of 3 or more means another job "
-                 "shared the cores and that run's time is not comparable. Times compare only within one session: the "
-                 "machine's speed moves from day to day (the `demo` seeds ran on a faster day than the one-knob runs, "
-                 "and `lstsq`, the first of those, shared the cores with tests for a few minutes). The one-knob settings "
-                 "change the step's arithmetic little (except `lstsq`'s refits, about 1.2x a step: see Compensated "
-                 "cuts), so read their times as the day's demo time.\n")
+    parts.append("Training times are in the run JSONs but not published: every run used both cores (load about 2), "
+                 "and a time counts here only from a run alone at 1 thread.\n")
     parts.append("Per setting, mean (min-max) over seeds:\n")
     spread_rows = []
     for g in data["spread"]:
@@ -1134,7 +1129,7 @@ def section_recipe(parts):
                             f"{fmt.format(g[f'{key}_mean'])} ({fmt.format(g[f'{key}_min'])}-{fmt.format(g[f'{key}_max'])})")
         spread_rows.append(row)
     parts.append(md_table(spread_rows, ["setting", "knob", "seeds", "wikitext2", "ptb", "c4", "wikitext2_x_dense",
-                                        "train_min", "verdict_vs_demo"]) + "\n")
+                                        "verdict_vs_demo"]) + "\n")
     parts.append("Commands (one JSON per run in `bench/results/recipe/`):\n")
     parts.extend(f"- `{r['run']}`: `{r['command']}`" for r in data["runs"])
     parts.append("")
