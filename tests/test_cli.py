@@ -127,3 +127,14 @@ def test_dataset_forms(tmp_path):
     with pytest.raises(ValueError, match="Unsupported dataset file type"):
         (tmp_path / "data.xml").write_text("<a/>")
         load_training_dataset(str(tmp_path / "data.xml"))
+
+
+def test_learning_rate_default_is_a_lora_rate(tmp_path):
+    """SFTConfig's 2e-5 is a full fine-tuning rate; LoRAPruneConfig and train.py default to the paper's 1e-4,
+    and an explicit rate still wins."""
+    from loraprune_trainer import LoRAPruneConfig
+
+    common = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"]
+    assert train.make_parser().parse_args_and_config(common)[1].learning_rate == 1e-4
+    assert train.make_parser().parse_args_and_config(common + ["--learning_rate", "2e-3"])[1].learning_rate == 2e-3
+    assert LoRAPruneConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).learning_rate == 1e-4
