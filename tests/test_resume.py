@@ -82,6 +82,8 @@ def test_resumed_run_matches_uninterrupted(runs, tmp_path):
     if straight.test_settings.get("lora_modules_to_save"):
         norms = {n: p for n, p in straight.model.named_parameters() if "modules_to_save" in n}
         assert norms, "no trained norm copies: modules_to_save did not reach PEFT"
+        # RMSNorm weights start at ones: a copy still at ones did not train, and its restore would prove nothing.
+        assert any(not torch.equal(w, torch.ones_like(w)) for w in norms.values()), "norm copies never trained"
         resumed_params = dict(resumed.model.named_parameters())
         for name, weight in norms.items():
             torch.testing.assert_close(resumed_params[name], weight, rtol=1e-5, atol=1e-7)
