@@ -722,7 +722,8 @@ def section_spread(parts):
         runs = demo["runs"]
         parts.append(
             "The README's demo command (`configs/smollm2_demo.yaml`: 20% of decoder parameters from MLP channels, "
-            "`taylor_gate`, 160 steps of 4 x 128 tokens) with `--seed 0`, `1` and `2`, one after another on the "
+            "`taylor_gate`, 160 steps of 4 x 128 tokens; as it was then: lr 3e-4, exact MLP widths) with `--seed 0`, "
+            "`1` and `2`, one after another on the "
             "2-core CPU, data from the shipped `data/` folder (no `LORAPRUNE_DATA_DIR`). Command: "
             f"`python bench/demo_budgets.py --steps 160 --seeds 0 1 2 --out bench/results/demo_seeds`. Wall time "
             "is the whole command (model loading, both perplexity passes, export and reload); "
@@ -1059,8 +1060,8 @@ def section_depth(parts):
     runs = data["runs"]
     parts.append(
         "Every run is the demo config (`configs/smollm2_demo.yaml`: 20% of decoder parameters, `taylor_gate`, 160 "
-        "steps of 4 x 128 C4 tokens = 81,920 training tokens, LoRA r 8, exact MLP widths: these runs predate "
-        "`width_multiple`'s default of 8) with depth flags added: `demo` cuts MLP "
+        "steps of 4 x 128 C4 tokens = 81,920 training tokens, LoRA r 8, lr 3e-4 and exact MLP widths: these runs "
+        "predate `width_multiple`'s default of 8 and the demo's move to lr 1e-3) with depth flags added: `demo` cuts MLP "
         "channels only; `depthK` removes K of the 30 decoder layers (`layer_pruning_ratio`, layer gates along the "
         "cubic schedule) and MLP channels of the kept layers make up the rest of the budget (none for K = 6); "
         "`bi6` / `last6` remove 6 layers chosen one-shot by block influence (ShortGPT) / as the layers before the "
@@ -1103,8 +1104,9 @@ def section_recipe(parts):
         return
     data, dense_row, rows = got
     parts.append(
-        "The demo config with one knob changed (`bench/recipe.py`, settings named in its `SETTINGS`), 81,920 "
-        "training tokens each; perplexity on the first 256 `llm-pruner` windows of WikiText-2 / PTB / C4. A "
+        "The study's base with one knob changed (`bench/recipe.py`, settings named in its `SETTINGS`; the base, "
+        "`bench/recipe_base.yaml`, is the demo config as it was before the study: LoRA r 8 / alpha 16, lr 3e-4 "
+        "linear, `prune_freq` 5, EMA 0.9, cooldown 0.2; setting `demo`), 81,920 training tokens each; perplexity on the first 256 `llm-pruner` windows of WikiText-2 / PTB / C4. A "
         "setting is called better than `demo` only when its range over seeds does not overlap demo's "
         "(`verdict_vs_demo`); with one seed the verdict says so. `threads` is torch's thread count (1-thread "
         "and 2-thread runs reduce floats in different orders, one source of the run-to-run spread).\n")

@@ -83,9 +83,20 @@ def test_runs_resume_and_report(tmp_path, data_dir, config):  # noqa: F811
     assert rows["depth6"]["gen_b1_speedup"] == 1.3 and rows["demo"]["fwd_b16_ideal"] == pytest.approx(1.2)
     assert rows["depth6"]["layers"] == 3 and rows["demo"]["layers"] == 4
     assert [a["verdict_vs_demo"] for a in summary["spread"]] == ["", "one seed"]
-    assert rows["demo"]["knob"] == "(the demo config)" and rows["depth6"]["knob"] == "depth"
+    assert rows["demo"]["knob"] == "(the base: the demo before the study)" and rows["depth6"]["knob"] == "depth"
     curve_s = json.loads((out / "demo-seed-0.json").read_text())["curve_eval_s"]
     assert rows["demo"]["train_min"] == pytest.approx((width["train_wall_s"] - curve_s) / 60)
     assert rows["demo"]["load_end"] == width["load_average_at_end"][0]
     for suffix in (".json", ".png", ".curve.png", ".speed.png"):
         assert (tmp_path / f"study{suffix}").is_file(), suffix
+
+
+def test_study_base_is_the_demo_before_the_study():
+    """The README says the demo is the study's base plus its winning learning rate: nothing else may drift."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "bench", "recipe_base.yaml")) as f:
+        base = yaml.safe_load(f)
+    with open(os.path.join(root, "configs", "smollm2_demo.yaml")) as f:
+        demo = yaml.safe_load(f)
+    assert {k for k in base.keys() | demo.keys() if base.get(k) != demo.get(k)} == {"learning_rate"}
+    assert (base["learning_rate"], demo["learning_rate"]) == (3e-4, 1e-3)
