@@ -1106,7 +1106,13 @@ def section_recipe(parts):
     parts.append(
         "The study's base with one knob changed (`bench/recipe.py`, settings named in its `SETTINGS`; the base, "
         "`bench/recipe_base.yaml`, is the demo config as it was before the study: LoRA r 8 / alpha 16, lr 3e-4 "
-        "linear, `prune_freq` 5, EMA 0.9, cooldown 0.2; setting `demo`), 81,920 training tokens each; perplexity on the first 256 `llm-pruner` windows of WikiText-2 / PTB / C4. A "
+        "linear, `prune_freq` 5, EMA 0.9, cooldown 0.2; setting `demo`), 81,920 training tokens each unless the "
+        "`tokens` column says otherwise; perplexity on the first 256 `llm-pruner` windows of WikiText-2 / PTB / C4. "
+        "Training rows are each C4 document's first 128 tokens, except in `packed` runs: consecutive 128-token "
+        "chunks of the concatenated documents (TRL's `wrapped` packing), so that 500k tokens are one pass over "
+        "distinct text (the sample holds 722k tokens packed, 163k as first-128-token openings). Zero-shot, where "
+        "scored: first 500 items of each task, `paper_mean` over PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA "
+        "(BoolQ beside it). A "
         "setting is called better than `demo` only when its range over seeds does not overlap demo's "
         "(`verdict_vs_demo`); with one seed the verdict says so. `threads` is torch's thread count (1-thread "
         "and 2-thread runs reduce floats in different orders, one source of the run-to-run spread).\n")
@@ -1114,8 +1120,13 @@ def section_recipe(parts):
     for r in rows:
         r["threads"] = threads.get(f"{r['setting']}-seed-{r['seed']}")
         r["load_start/end"] = f"{_fmt_load(r.get('load'))} / {_fmt_load(r.get('load_end'))}"
+    zeroshot_cols = []
+    if any(r.get("paper_mean") is not None for r in [dense_row] + rows):
+        for r in [dense_row] + rows:
+            r["paper_mean_%"], r["boolq_%"] = _pct(r.get("paper_mean")), _pct(r.get("boolq"))
+        zeroshot_cols = ["paper_mean_%", "boolq_%"]
     parts.append(md_table([dense_row] + rows, ["setting", "knob", "seed", "wikitext2", "ptb", "c4",
-                                              "wikitext2_x_dense", "tokens", "load_start/end",
+                                              "wikitext2_x_dense", *zeroshot_cols, "tokens", "load_start/end",
                                               "threads"]) + "\n")
     parts.append("Training times are in the run JSONs but not published: every run used both cores (load about 2), "
                  "and a time counts here only from a run alone at 1 thread.\n")
@@ -1137,6 +1148,10 @@ def section_recipe(parts):
     parts.append("")
     if os.path.exists(os.path.join(common.RESULTS_DIR, "recipe.curve.png")):
         parts.append("![recipe curves](../bench/results/recipe.curve.png)\n")
+    if os.path.exists(os.path.join(common.RESULTS_DIR, "recipe.tokens.png")):
+        parts.append("What tokens buy: the recovery curve of each token-budget run against training tokens, beside "
+                     "the same recipe at the study's budget (dashed):\n")
+        parts.append("![what tokens buy](../bench/results/recipe.tokens.png)\n")
 
 
 def main():

@@ -59,6 +59,10 @@ SETTINGS: dict[str, list[str]] = {
     # What tokens buy: 976 steps of 4 x 128 tokens = 499,712 tokens (about 6x the demo), and half the decoder.
     "tokens500k": ["--max_steps", "976"],
     "p50": ["--param_pruning_ratio", "0.5"],
+    # Training text as consecutive 128-token chunks of the concatenated documents (TRL's `wrapped` packing)
+    # instead of each document's first 128 tokens: the C4 sample holds 722k tokens that way, 163k truncated,
+    # so 500k tokens are one pass over distinct text rather than three over the same openings.
+    "packed": ["--packing", "true", "--packing_strategy", "wrapped"],
     # Kept MLP widths: exact counts (the default before it became 8) and GPU-tile multiples.
     "width1": ["--width_multiple", "1"],
     "width64": ["--width_multiple", "64"],
@@ -75,7 +79,7 @@ KNOBS = {"demo": "(the base: the demo before the study)", "r32": "LoRA rank", "r
          "lr1e-3": "learning rate", "lr2e-3": "learning rate", "cosine": "lr schedule",
          "cooldown0.5": "when cuts happen", "freq1": "when cuts happen", "ema0.99": "score smoothing",
          "norms": "what else trains", "lstsq": "compensated cuts", "steps480": "tokens",
-         "tokens500k": "tokens", "p50": "budget (50%)",
+         "tokens500k": "tokens", "p50": "budget (50%)", "packed": "training text (packed)",
          "width1": "MLP width multiple", "width64": "MLP width multiple"}
 
 
@@ -271,9 +275,7 @@ def load_runs(folder: str) -> tuple[dict | None, list[dict]]:
 def run_row(run: dict, dense: dict | None) -> dict:
     s = run["summary"]
     ppl = {k.split("/")[0]: v["perplexity"] for k, v in run["eval"].items()}
-    st = s.get("settings") or {}
-    tokens = st.get("max_steps", 0) * st.get("per_device_train_batch_size", 0) * \
-        st.get("gradient_accumulation_steps", 0) * st.get("world_size", 1) * st.get("max_length", 0)
+    tokens = (s.get("settings") or {}).get("max_steps", 0) * tokens_per_step(s)
     row = {"setting": run["setting"], "seed": run["seed"], **{s_: ppl.get(s_) for s_ in EVAL_SETS}}
     if dense:
         dppl = {k.split("/")[0]: v["perplexity"] for k, v in dense["eval"].items()}
@@ -293,6 +295,18 @@ def run_row(run: dict, dense: dict | None) -> dict:
                 "load": (run.get("load_average_at_start") or [None])[0],
                 "load_end": (run.get("load_average_at_end") or [None])[0]})
     return row
+
+
+def tokens_per_step(summary: dict) -> int:
+    """Training tokens per optimizer step of a run (batch x accumulation x processes x sequence length)."""
+    st = summary.get("settings") or {}
+    return (st.get("per_device_train_batch_size", 0) * st.get("gradient_accumulation_steps", 0)
+            * st.get("world_size", 1) * st.get("max_length", 0))
+
+
+def is_token_budget(setting: str) -> bool:
+    """Whether a setting changes the number of training tokens (``tokens500k``, ``steps480``, ...)."""
+    return any(KNOBS.get(part) == "tokens" for part in setting.split("+"))
 
 
 def dense_row(dense: dict) -> dict:
@@ -359,7 +373,8 @@ def report(folder: str) -> dict | None:
            "table": table, "runs": runs}
     common.write_json(folder.rstrip("/") + ".json", out)
     plot(rows, agg, dense, folder.rstrip("/") + ".png")
-    plot_curves(runs, folder.rstrip("/") + ".curve.png")
+    plot_curves([r for r in runs if not is_token_budget(r["setting"])], folder.rstrip("/") + ".curve.png")
+    plot_token_curves(runs, dense, folder.rstrip("/") + ".tokens.png")
     if speed:
         plot_speed_quality(rows, dense, folder.rstrip("/") + ".speed.png")
     return out
@@ -460,6 +475,48 @@ def plot_curves(runs, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_token_curves(runs, dense, path) -> list[tuple[str, str | None]]:
+    """What more tokens buy: the curve of every run with a token-budget setting against training tokens, next
+    to the run of the same setting and seed at the study's budget (the name without the token part), when
+    there is one. Returns the ``(long run, budget run or None)`` pairs drawn; draws nothing without long runs."""
+    by_name = {r["run"]: r for r in runs if r.get("curve")}
+    pairs = []
+    for r in by_name.values():
+        if is_token_budget(r["setting"]):
+            short = "+".join(p for p in r["setting"].split("+") if KNOBS.get(p) != "tokens") or "demo"
+            pairs.append((r["run"], f"{short}-seed-{r['seed']}" if f"{short}-seed-{r['seed']}" in by_name else None))
+    if not pairs:
+        return pairs
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (long_run, short_run) in enumerate(sorted(pairs)):
+        for name, style in ((long_run, "-"), (short_run, "--")):
+            if name is None:
+                continue
+            run = by_name[name]
+            per_step = tokens_per_step(run["summary"])
+            pts = run["curve"]
+            ax.plot([p["step"] * per_step / 1e3 for p in pts], [p["perplexity"] for p in pts], ls=style,
+                    marker="o", ms=3, color=f"C{i % 10}", label=name)
+    if dense:
+        d = next(v["perplexity"] for k, v in dense["eval"].items() if k.startswith("wikitext2"))
+        first = by_name[pairs[0][0]]["curve"][0]["perplexity"]  # step 0: the unpruned model on the curve's windows
+        ax.axhline(first, color="k", lw=0.8, ls=":", label=f"dense on the curve's windows ({first:.1f}; {d:.1f} on 256)")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens (thousands)")
+    ax.set_ylabel("masked-model WikiText-2 perplexity (32 windows)")
+    ax.set_title("What tokens buy: the same recipe, longer", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return sorted(pairs)
 
 
 if __name__ == "__main__":

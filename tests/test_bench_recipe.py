@@ -42,6 +42,29 @@ def test_setting_flags_combine_and_refuse_unknown():
         recipe.setting_flags("demo+lr9")
 
 
+def test_token_budget_curves_pair_long_runs_with_the_study_budget(tmp_path):
+    """The tokens plot draws each token-budget run against training tokens beside the same setting and seed
+    at the study's budget; a long run without such a partner is drawn alone."""
+    settings = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 128}
+
+    def run(setting, seed, steps):
+        return {"run": f"{setting}-seed-{seed}", "setting": setting, "seed": seed,
+                "summary": {"settings": dict(settings, max_steps=steps)},
+                "curve": [{"step": s, "perplexity": 50.0 + s / 10} for s in range(0, steps + 1, 20)]}
+
+    assert recipe.is_token_budget("lr1e-3+packed+tokens500k") and not recipe.is_token_budget("lr1e-3+packed")
+    assert recipe.setting_flags("packed") == ["--packing", "true", "--packing_strategy", "wrapped"]
+    runs = [run("lr1e-3+packed", 0, 160), run("lr1e-3+packed+tokens500k", 0, 976), run("p50+tokens500k", 1, 976),
+            run("lr1e-3", 0, 160)]
+    dense = {"eval": {"wikitext2/llm-pruner": {"perplexity": 54.0}}}
+    path = tmp_path / "study.tokens.png"
+    assert recipe.plot_token_curves(runs, dense, str(path)) == [
+        ("lr1e-3+packed+tokens500k-seed-0", "lr1e-3+packed-seed-0"), ("p50+tokens500k-seed-1", None)]
+    assert path.is_file()
+    assert recipe.plot_token_curves(runs[:1], dense, str(tmp_path / "none.png")) == []
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_verdict_needs_non_overlapping_ranges():
     base = {"setting": "demo", "seeds": 3, "wikitext2_min": 90.0, "wikitext2_max": 95.0}
     assert recipe.verdict({"seeds": 3, "wikitext2_min": 80.0, "wikitext2_max": 89.0}, base) == "better"

@@ -88,6 +88,25 @@ def test_gradient_accumulation_scores_see_whole_step(tmp_path):
     assert trainer.pruning_state.num_score_updates == 6
 
 
+def test_packed_training_text_prunes_on_full_chunks(tmp_path):
+    """TRL's `wrapped` packing (the recipe study's token-budget runs use it): every training row is a full
+    `max_length` chunk of the concatenated texts, so text past a document's first `max_length` tokens trains
+    too, and pruning proceeds as it does unpacked."""
+    texts = tiny_text_dataset(n=32, length=40)  # 40 words: longer than max_length 32, truncation would drop some
+    tokens = sum(len(ids) for ids in tiny_tokenizer()(list(texts["text"]))["input_ids"])
+    trainer = LoRAPruneTrainer(
+        model=tiny_model("llama-gqa"), processing_class=tiny_tokenizer(), peft_config=LoraConfig(**LORA),
+        train_dataset=texts, args=make_args(tmp_path, max_steps=6, gradient_accumulation_steps=1, packing=True,
+                                            packing_strategy="wrapped"))
+    rows = trainer.train_dataset["input_ids"]
+    assert {len(r) for r in rows} == {32}
+    # every token kept (plus at most one end-of-text token per document) except the last partial chunk
+    assert tokens // 32 <= len(rows) <= (tokens + len(texts)) // 32 and len(rows) > len(texts)
+    trainer.train()
+    for name, count in trainer.final_prune_counts.items():
+        assert trainer.pruning_state.num_pruned(name) == count > 0, name
+
+
 def test_one_shot_schedule_prunes(tmp_path):
     trainer, _ = make_trainer(tmp_path, pruning_schedule="one_shot", pruning_warmup_ratio=0.0, max_steps=4)
     trainer.train()
