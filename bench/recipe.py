@@ -504,6 +504,12 @@ def plot_token_curves(runs, dense, path) -> list[tuple[str, str | None]]:
             pts = run["curve"]
             ax.plot([p["step"] * per_step / 1e3 for p in pts], [p["perplexity"] for p in pts], ls=style,
                     marker="o", ms=3, color=f"C{i % 10}", label=name)
+        # Shade the long run's pruning ramp: the curve rises while units go, and recovers only after.
+        st = by_name[long_run]["summary"]["settings"]
+        if "pruning_warmup_ratio" in st and "pruning_cooldown_ratio" in st:
+            total = st["max_steps"] * tokens_per_step(by_name[long_run]["summary"]) / 1e3
+            ax.axvspan(st["pruning_warmup_ratio"] * total, (1 - st["pruning_cooldown_ratio"]) * total,
+                       color=f"C{i % 10}", alpha=0.08, label=f"{long_run}: units being cut")
     if dense:
         d = next(v["perplexity"] for k, v in dense["eval"].items() if k.startswith("wikitext2"))
         first = by_name[pairs[0][0]]["curve"][0]["perplexity"]  # step 0: the unpruned model on the curve's windows
