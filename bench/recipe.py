@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -50,6 +51,11 @@ SETTINGS: dict[str, list[str]] = {
     "lr1e-3": ["--learning_rate", "1e-3"],
     "lr2e-3": ["--learning_rate", "2e-3"],
     "cosine": ["--lr_scheduler_type", "cosine"],
+    # Warmup-stable-decay: the full rate while units are cut, a linear decay over the last 32 of 160 steps (the
+    # recovery after the cuts end at 80%), where linear decay has already lowered the rate during the cuts.
+    # The decay length is in steps: for the demo's 160 only.
+    "wsd": ["--lr_scheduler_type", "warmup_stable_decay",
+            "--lr_scheduler_kwargs", '{"num_decay_steps": 32, "decay_type": "linear"}'],
     "cooldown0.5": ["--pruning_cooldown_ratio", "0.5"],
     "freq1": ["--prune_freq", "1"],
     "ema0.99": ["--ema_lambda", "0.99"],
@@ -76,7 +82,7 @@ SETTINGS: dict[str, list[str]] = {
 EVAL_SETS = ["wikitext2", "ptb", "c4"]
 # What each setting changes, for the report's `knob` column.
 KNOBS = {"demo": "(the base: the demo before the study)", "r32": "LoRA rank", "r128": "LoRA rank", "rslora": "LoRA scaling",
-         "lr1e-3": "learning rate", "lr2e-3": "learning rate", "cosine": "lr schedule",
+         "lr1e-3": "learning rate", "lr2e-3": "learning rate", "cosine": "lr schedule", "wsd": "lr schedule",
          "cooldown0.5": "when cuts happen", "freq1": "when cuts happen", "ema0.99": "score smoothing",
          "norms": "what else trains", "lstsq": "compensated cuts", "steps480": "tokens",
          "tokens500k": "tokens", "p50": "budget (50%)", "packed": "training text (packed)",
@@ -200,8 +206,8 @@ def run_one(args, qargs, texts, name: str, seed: int) -> None:
     summary, evals = relabel(summary, label), relabel(evals, label)
     record = {
         "run": run, "setting": name, "seed": seed, "flags": flags,
-        "command": " ".join(["accelerate launch --config_file accelerate_configs/cpu.yaml train.py",
-                             "--config", args.config, *flags]),
+        "command": "accelerate launch --config_file accelerate_configs/cpu.yaml train.py "
+                   + shlex.join(["--config", args.config, *flags]),  # quoted: a flag may hold JSON
         "bench_command": common.command_line(),
         "train_wall_s": train_wall, "eval_s": eval_s, "load_average_at_start": load_start,
         "load_average_at_end": common.load_average(), "eval": evals, "summary": summary,

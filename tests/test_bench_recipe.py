@@ -115,11 +115,17 @@ def test_runs_resume_and_report(tmp_path, data_dir, config):  # noqa: F811
 
 
 def test_study_base_is_the_demo_before_the_study():
-    """The README says the demo is the study's base plus its winning learning rate: nothing else may drift."""
+    """The README says the demo is the study's base plus its two winners, learning rate 1e-3 and packed training
+    text: nothing else may drift."""
     root = os.path.join(os.path.dirname(__file__), "..")
     with open(os.path.join(root, "bench", "recipe_base.yaml")) as f:
         base = yaml.safe_load(f)
     with open(os.path.join(root, "configs", "smollm2_demo.yaml")) as f:
         demo = yaml.safe_load(f)
-    assert {k for k in base.keys() | demo.keys() if base.get(k) != demo.get(k)} == {"learning_rate"}
+    assert {k for k in base.keys() | demo.keys() if base.get(k) != demo.get(k)} == {
+        "learning_rate", "packing", "packing_strategy"}
     assert (base["learning_rate"], demo["learning_rate"]) == (3e-4, 1e-3)
+    assert "packing" not in base and (demo["packing"], demo["packing_strategy"]) == (True, "wrapped")
+    # The study's flags for the winners are exactly what the demo adds to the base.
+    assert recipe.setting_flags("lr1e-3+packed") == ["--learning_rate", "1e-3", "--packing", "true",
+                                                 "--packing_strategy", "wrapped"]
