@@ -1097,7 +1097,7 @@ def section_depth(parts):
 
 
 def section_recipe(parts):
-    parts.append("## Recipe study at the demo's budget (in progress)\n")
+    parts.append("## Recipe study at the demo's budget\n")
     got = _recipe_runs_section(parts, "recipe")
     if got is None:
         parts.append("_Not run yet (`python bench/recipe.py --settings demo r32 lr1e-3 ...`)._\n")
