@@ -51,11 +51,6 @@ SETTINGS: dict[str, list[str]] = {
     "lr1e-3": ["--learning_rate", "1e-3"],
     "lr2e-3": ["--learning_rate", "2e-3"],
     "cosine": ["--lr_scheduler_type", "cosine"],
-    # Warmup-stable-decay: the full rate while units are cut, a linear decay over the last 32 of 160 steps (the
-    # recovery after the cuts end at 80%), where linear decay has already lowered the rate during the cuts.
-    # The decay length is in steps: for the demo's 160 only.
-    "wsd": ["--lr_scheduler_type", "warmup_stable_decay",
-            "--lr_scheduler_kwargs", '{"num_decay_steps": 32, "decay_type": "linear"}'],
     "cooldown0.5": ["--pruning_cooldown_ratio", "0.5"],
     "freq1": ["--prune_freq", "1"],
     "ema0.99": ["--ema_lambda", "0.99"],
@@ -82,7 +77,7 @@ SETTINGS: dict[str, list[str]] = {
 EVAL_SETS = ["wikitext2", "ptb", "c4"]
 # What each setting changes, for the report's `knob` column.
 KNOBS = {"demo": "(the base: the demo before the study)", "r32": "LoRA rank", "r128": "LoRA rank", "rslora": "LoRA scaling",
-         "lr1e-3": "learning rate", "lr2e-3": "learning rate", "cosine": "lr schedule", "wsd": "lr schedule",
+         "lr1e-3": "learning rate", "lr2e-3": "learning rate", "cosine": "lr schedule",
          "cooldown0.5": "when cuts happen", "freq1": "when cuts happen", "ema0.99": "score smoothing",
          "norms": "what else trains", "lstsq": "compensated cuts", "steps480": "tokens",
          "tokens500k": "tokens", "p50": "budget (50%)", "packed": "training text (packed)",
