@@ -269,7 +269,7 @@ def evaluate_zeroshot(model, tok, args, folder) -> dict:
     # A copy of the tokenizer: lm-eval may set attributes on it (pad token, padding side), and the same
     # tokenizer trains the later runs of the grid.
     result = zero_shot(model, copy.deepcopy(tok), list(args.zeroshot_tasks), batch_size=args.eval_batch, limit=limit,
-                       seed=args.seed, zeroshot_dir=folder)
+                       seed=args.seed, zeroshot_dir=folder, cache_dir=getattr(args, "zeroshot_cache", None))
     record = summarize_zeroshot(result["tasks"], limit, result["protocol"])
     record["eval_s"] = time.perf_counter() - t0
     logger.info("  zero-shot (limit %s): paper mean %s; %s", limit, record["paper_mean"],

@@ -235,9 +235,11 @@ def test_param_ratio_oneshot_saved_models_and_later_zeroshot(tmp_path, data_dir,
     assert [p["tasks"] for p in after["passes"]] == [["piqa"], ["arc_easy"]]
     assert after["mean_acc"] == pytest.approx((after["tasks"]["piqa"]["acc"] + after["tasks"]["arc_easy"]["acc"]) / 2)
     assert after["paper_mean"] is None  # four of the paper's six tasks were not scored
-    quality_zeroshot.main(argv[:-1] + ["0"] + ["--runs", "oneshot-magnitude-r0.3"])
+    quality_zeroshot.main(argv[:-1] + ["0"] + ["--runs", "oneshot-magnitude-r0.3", "--cache", str(tmp_path / "zs")])
     record = json.loads((out / "oneshot-magnitude-r0.3.json").read_text())
     assert record["zeroshot_full"]["limit"] is None and record["zeroshot"]["limit"] == 2
+    cache = record["zeroshot_full"]["protocol"]["cache"]  # --cache keeps every scored request
+    assert cache["requests_cached_before"] == 0 and cache["requests_cached_after"] > 0
 
     # A run without a saved model is named before anything is loaded.
     with pytest.raises(SystemExit) as e:

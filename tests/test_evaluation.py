@@ -400,3 +400,98 @@ def test_zero_shot_on_peft_model_in_training_mode():
     assert peft_model.training  # restored
     peft_model.eval()
     assert (task["acc"], task["acc_norm"]) == pytest.approx(_hand_mc_accuracy(peft_model, tok, rows))
+
+
+def test_model_fingerprint_follows_weights_and_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loraprune_trainer.evaluation.records import model_fingerprint
+
+    model, tok = _save_tiny_folder(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model_fingerprint(model, tok) == model_fingerprint(reloaded, tok)
+    with torch.no_grad():  # one weight, deep inside a tensor larger than the strided sample
+        reloaded.model.layers[0].mlp.down_proj.weight[3, 5] += 1e-3
+    assert model_fingerprint(reloaded, tok) != model_fingerprint(model, tok)
+    other_tok = tiny_tokenizer()
+    other_tok.add_tokens(["extra_word"])
+    assert model_fingerprint(model, other_tok) != model_fingerprint(model, tok)
+
+
+def _mc_requests(rows) -> int:
+    return sum(len(r["choices"]) for r in rows)
+
+
+def test_zero_shot_cache_resumes_after_a_crash_and_never_serves_another_model(tmp_path):
+    """--zeroshot_cache: answers are stored as they are scored, so a pass that dies resumes where it stopped; a
+    larger limit reuses a smaller one's items; a model that computes something else (other weights, or the same
+    weights under a mask hook) gets its own file, and every result equals the hand computation."""
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional dependency (the `eval` / `test` extras)")
+    from loraprune_trainer.evaluation import zero_shot
+
+    rows = json.loads(open(os.path.join(TASK_DIR, "loraprune_tiny_mc.json")).read())
+    cache = tmp_path / "cache"
+    tok = tiny_tokenizer()
+    model = tiny_model("llama-gqa", seed=1).eval()
+    expected = _hand_mc_accuracy(model, tok, rows)
+
+    def run(m, **kw):
+        r = zero_shot(m, tok, "loraprune_tiny_mc", include_path=TASK_DIR, batch_size=2, cache_dir=str(cache), **kw)
+        return r["tasks"]["loraprune_tiny_mc"], r["protocol"]["cache"]
+
+    task, info = run(model, limit=3)
+    assert info["requests_cached_before"] == 0 and info["requests_cached_after"] == _mc_requests(rows[:3])
+    task, info = run(model)
+    assert info["requests_cached_before"] == _mc_requests(rows[:3])
+    assert info["requests_cached_after"] == _mc_requests(rows)
+    assert (task["acc"], task["acc_norm"]) == pytest.approx(expected)
+    assert len(os.listdir(cache)) == 1 and os.path.basename(info["file"]) in os.listdir(cache)
+
+    # A second model whose forward dies on its third call (the cache probe, then two batches of 2 requests).
+    other = tiny_model("llama-gqa", seed=2).eval()
+    calls = []
+
+    def die_on_third_call(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+
+    handle = other.register_forward_pre_hook(die_on_third_call)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(other)
+    handle.remove()
+    task, info = run(other)
+    assert info["requests_cached_before"] == 2  # the first batch survived the crash
+    assert info["requests_cached_after"] == _mc_requests(rows)
+    assert (task["acc"], task["acc_norm"]) == pytest.approx(_hand_mc_accuracy(other, tok, rows))
+
+    # Same weights as the first model, but a hook (as pruning masks are) changes what it computes.
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda module, args, out: out * 0)
+    try:
+        task, info = run(model)
+        assert info["requests_cached_before"] == 0
+        assert (task["acc"], task["acc_norm"]) == pytest.approx(_hand_mc_accuracy(model, tok, rows))
+    finally:
+        handle.remove()
+    assert len(os.listdir(cache)) == 3
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(NotADirectoryError, match="pass a folder"):
+        zero_shot(model, tok, "loraprune_tiny_mc", include_path=TASK_DIR, cache_dir=str(tmp_path / "a_file"))
+
+
+def test_cli_zeroshot_cache_is_recorded(tmp_path, capsys):
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional dependency (the `eval` / `test` extras)")
+    from loraprune_trainer.eval import main
+
+    _save_tiny_folder(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--tasks", "loraprune_tiny_mc", "--task_dir", TASK_DIR,
+            "--device", "cpu", "--zeroshot_cache", str(tmp_path / "cache"), "--no_progress"]
+    first = main(argv + ["--out", str(tmp_path / "a.json")])["zero_shot"]
+    second = main(argv + ["--out", str(tmp_path / "b.json")])["zero_shot"]
+    before, after = first["protocol"]["cache"], second["protocol"]["cache"]
+    assert before["requests_cached_before"] == 0
+    assert after["requests_cached_before"] == before["requests_cached_after"] > 0
+    assert second["tasks"]["loraprune_tiny_mc"]["acc"] == first["tasks"]["loraprune_tiny_mc"]["acc"]
+    recorded = json.loads((tmp_path / "b.json").read_text())["zero_shot"]["protocol"]["cache"]
+    assert recorded["file"] == portable_path(second["protocol"]["cache"]["file"])

@@ -50,6 +50,8 @@ class EvalArguments:
             are then read from it instead of the Hub. Default: ``$LORAPRUNE_ZEROSHOT_DIR``.
         task_dir: a folder of extra lm-eval task YAML files.
         num_fewshot / limit: lm-eval's few-shot count and the first-N-items cap per task (recorded).
+        zeroshot_cache: a folder where every scored request is stored as it is scored, so that the same command
+            run again after an interruption computes only what is missing (one file per model fingerprint).
 
     Output:
         out: JSON file for the results (written atomically); printed to stdout as well.
@@ -75,6 +77,9 @@ class EvalArguments:
     task_dir: str | None = field(default=None, metadata={"help": "Folder of extra lm-eval task YAML files."})
     num_fewshot: int = field(default=0, metadata={"help": "Few-shot examples for lm-eval tasks."})
     limit: float | None = field(default=None, metadata={"help": "Score only the first N items of each task."})
+    zeroshot_cache: str | None = field(default=None, metadata={
+        "help": "Folder caching every scored zero-shot request as it is scored (one file per model fingerprint): "
+                "rerun the same command after an interruption and only the rest is computed."})
     out: str | None = field(default=None, metadata={"help": "Write the results JSON here."})
     no_progress: bool = field(default=False, metadata={"help": "Hide progress bars."})
 
@@ -101,8 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = evaluate_folder(
         args.model, datasets=args.datasets, protocol=args.protocol, gguf_file=args.gguf_file, dtype=args.dtype,
         device=args.device, tasks=args.tasks, task_dir=args.task_dir, zeroshot_dir=args.zeroshot_dir, out=args.out,
-        num_fewshot=args.num_fewshot, limit=args.limit, window=args.window, stride=args.stride,
-        batch_size=args.batch_size, max_windows=args.max_windows, show_progress=not args.no_progress,
+        num_fewshot=args.num_fewshot, limit=args.limit, zeroshot_cache=args.zeroshot_cache, window=args.window,
+        stride=args.stride, batch_size=args.batch_size, max_windows=args.max_windows,
+        show_progress=not args.no_progress,
     )
     summary = {name: round(r["perplexity"], 4) for name, r in result["perplexity"].items()}
     if result["zero_shot"]:

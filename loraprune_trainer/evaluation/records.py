@@ -91,6 +91,30 @@ def _model_dtype(model) -> str:
 
 
 
+@torch.no_grad()
+def model_fingerprint(model, tokenizer=None, sample: int = 4096) -> str:
+    """Hex sha256 that tells two models apart without reading every weight: for each parameter and buffer
+    its name, shape, dtype, float64 sum and up to ``sample`` evenly strided values (all of a small tensor),
+    plus the tokenizer's class and vocabulary when given. Fine-tuning, a merged LoRA or a new mask changes
+    it; loading the same weights again does not. Used to key caches of model outputs."""
+    h = hashlib.sha256()
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in tensors:
+        if t.device.type == "meta":
+            raise ValueError(f"cannot fingerprint {name!r}: it is on the meta device (load the weights first)")
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // sample)
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(repr(flat.double().sum().item()).encode() if flat.is_floating_point() else b"")
+        h.update(flat[::step].float().cpu().numpy().tobytes() if flat.is_floating_point()
+                 else flat[::step].cpu().numpy().tobytes())
+    if tokenizer is not None:
+        vocab = sorted(tokenizer.get_vocab().items())
+        h.update(f"{type(tokenizer).__name__}|{len(tokenizer)}|".encode())
+        h.update(json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()
+
+
 def write_result(path: str, result: dict) -> str:
     """Write ``result`` as JSON to ``path`` atomically (a temporary file in the same folder, then
     renamed), so a reader never sees half a file. Every perplexity must carry its protocol.

@@ -16,13 +16,15 @@ from .zeroshot import _import_lm_eval, local_task_configs, zero_shot
 def evaluate_model(model, tokenizer, datasets: list[str] | dict[str, str] | None = None,
                    protocol: str = "llm-pruner", tasks: list[str] | str | None = None, task_dir: str | None = None,
                    num_fewshot: int = 0, limit: int | float | None = None, texts: dict | None = None,
-                   zeroshot_dir: str | None = None, **perplexity_kwargs) -> dict:
+                   zeroshot_dir: str | None = None, zeroshot_cache: str | None = None,
+                   **perplexity_kwargs) -> dict:
     """Perplexity on every dataset (and optionally lm-eval ``tasks``) for an in-memory model.
 
     Returns ``{"perplexity": {name: perplexity(...) result}, "zero_shot": zero_shot(...) result or None}``.
     ``texts`` (from :func:`load_texts`) skips reloading the datasets. ``zeroshot_dir`` (default: the
     ``LORAPRUNE_ZEROSHOT_DIR`` environment variable) reads the suite's tasks from local files; see
-    :func:`~loraprune_trainer.evaluation.zeroshot.zero_shot`.
+    :func:`~loraprune_trainer.evaluation.zeroshot.zero_shot`; ``zeroshot_cache`` is its ``cache_dir`` (a
+    folder that makes an interrupted zero-shot pass resumable).
     """
     texts = texts if texts is not None else load_texts(datasets or [])
     out = {"perplexity": {}, "zero_shot": None}
@@ -32,7 +34,8 @@ def evaluate_model(model, tokenizer, datasets: list[str] | dict[str, str] | None
     if tasks:
         batch_size = perplexity_kwargs.get("batch_size", 8)
         out["zero_shot"] = zero_shot(model, tokenizer, tasks, include_path=task_dir, num_fewshot=num_fewshot,
-                                     batch_size=batch_size, limit=limit, zeroshot_dir=zeroshot_dir)
+                                     batch_size=batch_size, limit=limit, zeroshot_dir=zeroshot_dir,
+                                     cache_dir=zeroshot_cache)
     return out
 
 

@@ -30,10 +30,12 @@ it. BoolQ is scored as an extra column, outside that mean.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import json
 import os
 
+import torch
 import yaml
 
 from ..data import portable_path
@@ -329,7 +331,7 @@ def paper_mean(tasks: dict[str, dict]) -> dict:
 # -- evaluation ---------------------------------------------------------------------------------------------
 def zero_shot(model, tokenizer, tasks: list[str] | str, include_path: str | None = None, num_fewshot: int = 0,
               batch_size: int = 8, limit: int | float | None = None, max_length: int | None = None,
-              seed: int = 1234, zeroshot_dir: str | None = None) -> dict:
+              seed: int = 1234, zeroshot_dir: str | None = None, cache_dir: str | None = None) -> dict:
     """Zero-shot (or ``num_fewshot``-shot) accuracy of an in-memory ``model`` on lm-eval ``tasks``.
 
     ``model`` is a transformers model, a PEFT model or a masked model in training; it is wrapped in
@@ -339,6 +341,13 @@ def zero_shot(model, tokenizer, tasks: list[str] | str, include_path: str | None
     environment variable) the tasks of :data:`ZEROSHOT_TASKS` are read from its files instead (see the
     module docstring). ``limit`` scores only the first ``limit`` items of each task (a float below 1: that
     fraction); it is recorded, and numbers with a limit are not the standard ones.
+
+    ``cache_dir`` makes a long pass resumable: every scored request is written, as it is scored, to an
+    SQLite file in that folder (lm-eval's ``use_cache``) named after the model's fingerprint (weights and
+    tokenizer, :func:`~loraprune_trainer.evaluation.records.model_fingerprint`; the exact logits of a fixed
+    probe, which see masks and other hooks; the context length), so another model never reads it. Run the same call again after an interruption and only the requests not yet
+    scored are computed; a larger ``limit`` reuses the items a smaller one scored. A cached answer is the
+    one computed earlier, in whatever batch it was computed.
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "num_samples",
     "num_samples_total", "version", "protocol": {...}}}, "protocol": {...}}``; a task's ``protocol`` holds
@@ -352,15 +361,21 @@ def zero_shot(model, tokenizer, tasks: list[str] | str, include_path: str | None
     specs = [local[t][0] if t in local else t for t in tasks]
 
     modes = {m: m.training for m in model.modules()}
+    lm = None
     try:
         model.eval()
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        cache = _cache_record(model, tokenizer, lm, cache_dir) if cache_dir else None
         out = lm_eval.simple_evaluate(model=lm, tasks=specs, num_fewshot=num_fewshot, task_manager=manager,
                                       limit=limit, log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed)
+                                      torch_random_seed=seed, fewshot_random_seed=seed,
+                                      use_cache=cache["prefix"] if cache else None)
     finally:
         for m, training in modes.items():
             m.training = training
+        hook_db = getattr(getattr(lm, "cache_hook", None), "dbdict", None)
+        if hook_db is not None:
+            hook_db.close()  # lm-eval leaves its SQLite connection (and its thread) open
 
     lm_eval_version = library_versions().get("lm_eval")
     results = {}
@@ -411,4 +426,48 @@ def zero_shot(model, tokenizer, tasks: list[str] | str, include_path: str | None
         "model": model_name(model),
         "versions": library_versions(),
     }
+    if cache:
+        protocol["cache"] = {"file": portable_path(cache["file"]), "model_fingerprint": cache["fingerprint"],
+                             "requests_cached_before": cache["requests_cached_before"],
+                             "requests_cached_after": _count_cached(cache["file"])}
     return {"tasks": results, "protocol": protocol}
+
+
+def _cache_record(model, tokenizer, lm, cache_dir: str) -> dict:
+    """Where the request cache of this model lives in ``cache_dir`` and how many answers it already holds.
+    The file name carries the model's fingerprint and the context length: lm-eval keys cached answers by the
+    request alone, so one file must never serve two models."""
+    from .records import model_fingerprint
+
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise NotADirectoryError(f"Zero-shot cache {cache_dir!r} is a file; pass a folder (it is created if missing).")
+    os.makedirs(cache_dir, exist_ok=True)
+    fingerprint = hashlib.sha256((model_fingerprint(model, tokenizer) + _probe_digest(model)).encode()).hexdigest()
+    prefix = os.path.join(os.path.abspath(cache_dir), f"zeroshot-{fingerprint[:24]}-ctx{lm.max_length}")
+    file = prefix + "_rank0.db"  # the suffix lm-eval appends (one process)
+    return {"prefix": prefix, "file": file, "fingerprint": fingerprint,
+            "requests_cached_before": _count_cached(file)}
+
+
+@torch.no_grad()
+def _probe_digest(model, length: int = 16) -> str:
+    """sha256 of the exact logits of a fixed 16-token input: masks and other forward hooks change what a
+    model computes without changing its weights, so the weights alone cannot key a cache of its outputs.
+    Bitwise, so a different machine or thread count may miss the cache (and recompute), never reuse a
+    wrong answer."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    ids = (torch.arange(length, device=device) * 7919 % config.vocab_size)[None]
+    logits = model(input_ids=ids).logits
+    return hashlib.sha256(logits.float().cpu().numpy().tobytes()).hexdigest()
+
+
+def _count_cached(file: str) -> int:
+    """Answers stored in an lm-eval request cache file (0 when it does not exist)."""
+    if not os.path.isfile(file):
+        return 0
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{file}?mode=ro", uri=True)) as conn:
+        return conn.execute('SELECT COUNT(*) FROM "unnamed"').fetchone()[0]  # sqlitedict's default table
