@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None,
                    help="Folder caching every scored request as it is scored (one file per model fingerprint): "
                         "the same command run again after an interruption computes only what is missing. A "
-                        "full HellaSwag pass takes about two hours on 2 CPU cores.")
+                        "full HellaSwag pass takes over two hours on 2 CPU cores.")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--summary", choices=["quality", "recipe"], default="quality",
