@@ -7,6 +7,7 @@ Every number in the page comes from those files; sections whose JSON is missing 
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -14,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import quality  # noqa: E402
+from rerun import compare as compare_rerun  # noqa: E402
 from loraprune_trainer.evaluation import PAPER_METRICS, PAPER_TASKS, paper_accuracy, paper_mean  # noqa: E402
 
 OUT = os.path.join(common.REPO_ROOT, "docs", "results.md")
@@ -408,12 +410,48 @@ def _grid_row(run, dense, key="zeroshot") -> dict:
             if None not in errors:
                 row["± 5"] = 100 * sum(e * e for e in errors) ** 0.5 / len(errors)
         row["items/task"] = zs["limit"] or "all"
+        taken = (run.get("tasks_from_rerun") or {}).get(key)
+        if taken:
+            names = dict(TASK_COLUMNS)
+            row["items/task"] = f"{row['items/task']} ({', '.join(names.get(t, t) for t in taken)}: rerun)"
     return row
+
+
+def _with_rerun_tasks(runs: list[dict], reruns: list[dict] | None = None) -> list[dict]:
+    """The grid's runs, each completed with the zero-shot tasks it lacks from its rerun
+    (``bench/results/grid_rerun/``, ``bench/rerun.py``) where the rerun is the same model: every perplexity
+    within ``rerun.SAME_MODEL_RTOL`` of the first run's, at the same item limit. The first runs' saved weights
+    were gone before HellaSwag joined the suite; the reruns' were kept. A completed run (a copy) lists what it
+    took under ``tasks_from_rerun``: ``{result key: [task, ...]}``."""
+    reruns = {r["run"]: r for r in (_runs("grid_rerun") if reruns is None else reruns)}
+    out = []
+    for run in runs:
+        again = reruns.get(run["run"])
+        if again is None or run["mode"] == "dense" or not compare_rerun(run, again)["same_model"]:
+            out.append(run)
+            continue
+        run, taken = copy.deepcopy(run), {}
+        for key in ("zeroshot", "zeroshot_full"):
+            theirs = again.get(key)
+            if not theirs:
+                continue
+            mine = run.get(key)
+            if mine is None:
+                run[key], taken[key] = copy.deepcopy(theirs), sorted(theirs["tasks"])
+            elif mine.get("limit") == theirs.get("limit"):
+                missing = [t for t in theirs["tasks"] if t not in mine["tasks"]]
+                mine["tasks"].update({t: theirs["tasks"][t] for t in missing})
+                if missing:
+                    taken[key] = missing
+        if taken:
+            run["tasks_from_rerun"] = taken
+        out.append(run)
+    return out
 
 
 def section_grid(parts):
     """The paper-style table of ``bench/results/grid/`` (issue: every criterion at equal tokens)."""
-    runs = _runs("grid")
+    runs = _with_rerun_tasks(_runs("grid"))
     parts.append("## Quality at equal tokens: every criterion at 20%, the best at 50% (paper Tables 1-2)\n")
     if not runs:
         parts.append("_Not run yet (`python bench/quality.py --out bench/results/grid ...`)._\n")
@@ -468,6 +506,13 @@ def section_grid(parts):
     cols = ["budget", "method", "params_M", *[c for _, c in PPL_COLUMNS], *[c for _, c in TASK_COLUMNS], "paper mean",
             "± mean", "mean of 5", "± 5", "items/task"]
     parts.append(md_table(rows, cols[:6] + ["WikiText-2 vs best"] + cols[6:], fmt="{:.1f}") + "\n")
+    from_rerun = [r for r in runs if r.get("tasks_from_rerun")]
+    if from_rerun:
+        parts.append(f"Where `items/task` names a task with \"rerun\" ({len(from_rerun)} of {len(pruned)} pruned "
+                     "runs), that task was scored on the model of a rerun of the same command (`bench/rerun.py`, "
+                     "models kept), because this run's saved model was gone before the task joined the suite; the "
+                     "rerun's perplexities match this run's within 0.01% (next section), so it is the same model up to "
+                     "float rounding.\n")
     if limit is not None:
         parts.append(f"`WikiText-2 vs best`: the gap to the best run at the same budget; \"in spread\" marks a gap no "
                      f"larger than {limit:.1f}%, the largest run-to-run change measured for one command (next section), "
@@ -556,7 +601,7 @@ def grid_reading(runs) -> str:
         zs = [(r, _grid_row(r, None)) for r in twenty if r.get("zeroshot")]
         for col in ("paper mean", "mean of 5"):
             scored = [(r, row[col]) for r, row in zs if row.get(col) is not None]
-            if scored:
+            if len(scored) > 1:  # a winner of one is no comparison
                 best, value = max(scored, key=lambda x: x[1])
                 winners.append(f"zero-shot {col} {_method(best)} ({value:.1f}; {len(scored)} of {len(twenty)} runs "
                                "evaluated)")
@@ -748,9 +793,11 @@ def section_spread(parts):
         parts.append(
             "Grid runs repeated with the identical command on another machine of the same kind (`bench/results/"
             "grid_rerun/`, models saved to `.bench_models/grid_rerun`). The first run's saved models were gone, so "
-            "a rerun is the way to fill their HellaSwag column (`bench/quality_zeroshot.py --out "
-            "bench/results/grid_rerun --models .bench_models/grid_rerun --limit 500`; not run yet where the table "
-            "has no paper mean).\n")
+            "a rerun is the way to fill their HellaSwag column: `python bench/rerun.py --of bench/results/grid --out "
+            "bench/results/grid_rerun --save-models .bench_models/grid_rerun --runs <run>`, then `python "
+            "bench/quality_zeroshot.py --out bench/results/grid_rerun --models .bench_models/grid_rerun --tasks "
+            "hellaswag --limit 500 --cache .bench_models/zeroshot_cache` (not run yet where the grid table has no "
+            "paper mean).\n")
         cols = list(dict.fromkeys(k for row in spread["pairs"] for k in row))
         parts.append(md_table(spread["pairs"], cols, fmt="{:.1f}") + "\n")
         parts.append(
@@ -1096,6 +1143,38 @@ def section_depth(parts):
         parts.append("![recovery curves](../bench/results/depth.curve.png)\n")
 
 
+def _hellaswag(zs: dict | None) -> dict | None:
+    return ((zs or {}).get("tasks") or {}).get("hellaswag")
+
+
+def _recipe_full_hellaswag(runs: list[dict], dense: dict | None = None) -> str | None:
+    """A line per recipe run scored on all of HellaSwag (``quality_zeroshot.py --limit 0 --tasks hellaswag``),
+    against the dense model's own full pass (the grid's dense run: the same base model) and against the first
+    500 items, which is what the table's paper mean uses."""
+    scored = [r for r in runs if _hellaswag(r.get("zeroshot_full"))]
+    if not scored:
+        return None
+    dense = dense or next((r for r in _runs("grid") if r["mode"] == "dense"), None)
+    dense_full, dense_500 = _hellaswag((dense or {}).get("zeroshot_full")), _hellaswag((dense or {}).get("zeroshot"))
+    cells = []
+    for run in scored:
+        full, first = _hellaswag(run["zeroshot_full"]), _hellaswag(run.get("zeroshot"))
+        cell = (f"`{run['run']}` {100 * full['acc_norm']:.1f} (± {100 * full['acc_norm_stderr']:.1f}; acc "
+                f"{100 * full['acc']:.1f})")
+        if dense_full:
+            cell += f", {100 * (full['acc_norm'] - dense_full['acc_norm']):+.1f} points from dense"
+        if first and dense_500:
+            cell += (f" (on the first 500 items: {100 * first['acc_norm']:.1f}, "
+                     f"{100 * (first['acc_norm'] - dense_500['acc_norm']):+.1f} from dense)")
+        cell += f"; command `{run['zeroshot_full']['command']}`"
+        cells.append(cell)
+    reference = (f"dense SmolLM2 {100 * dense_full['acc_norm']:.1f} (± {100 * dense_full['acc_norm_stderr']:.1f}; "
+                 f"acc {100 * dense_full['acc']:.1f}; `grid/dense.json`)" if dense_full else "dense: not scored")
+    n = _hellaswag(scored[0]["zeroshot_full"]).get("num_samples")
+    items = f"{n:,} items" if n else "every item"
+    return f"**HellaSwag on the full set** ({items}; acc_norm in %; {reference}): " + "; ".join(cells) + "."
+
+
 def section_recipe(parts):
     parts.append("## Recipe study at the demo's budget\n")
     got = _recipe_runs_section(parts, "recipe")
@@ -1130,6 +1209,9 @@ def section_recipe(parts):
                                               "threads"]) + "\n")
     parts.append("Training times are in the run JSONs but not published: every run used both cores (load about 2), "
                  "and a time counts here only from a run alone at 1 thread.\n")
+    full_hellaswag = _recipe_full_hellaswag(data["runs"])
+    if full_hellaswag:
+        parts.append(full_hellaswag + "\n")
     parts.append("Per setting, mean (min-max) over seeds:\n")
     spread_rows = []
     for g in data["spread"]:

@@ -285,6 +285,10 @@ def run_row(run: dict, dense: dict | None) -> dict:
     if zs:
         row["paper_mean"] = zs.get("paper_mean")
         row["boolq"] = (zs.get("tasks", {}).get("boolq") or {}).get("acc")
+    # A task scored on every item (``quality_zeroshot.py --limit 0``), HellaSwag first of all.
+    full_hellaswag = ((run.get("zeroshot_full") or {}).get("tasks") or {}).get("hellaswag")
+    if full_hellaswag:
+        row["hellaswag_full"] = full_hellaswag["acc_norm"]
     layers = s.get("decoder_layers") or {}
     row.update({"layers": layers.get("after"), "removed_layers": " ".join(map(str, layers.get("removed") or [])),
                 "mlp_channels": (s.get("settings") or {}).get("mlp_channels_per_layer", 0)

@@ -114,6 +114,31 @@ def test_runs_resume_and_report(tmp_path, data_dir, config):  # noqa: F811
         assert (tmp_path / f"study{suffix}").is_file(), suffix
 
 
+def test_full_hellaswag_pass_joins_the_row_and_the_results_page():
+    """A run scored on all of HellaSwag (quality_zeroshot.py --limit 0) shows it beside its 500-item paper mean,
+    and the results page compares it with the dense model's own full pass."""
+    import make_results_md
+
+    def zs(acc_norm, n, **extra):
+        return {"tasks": {"hellaswag": {"acc": acc_norm - 0.05, "acc_norm": acc_norm, "acc_norm_stderr": 0.005,
+                                        "num_samples": n}}, **extra}
+
+    run = {"run": "lr1e-3+packed+tokens500k-seed-0", "setting": "lr1e-3+packed+tokens500k", "seed": 0,
+           "summary": {"settings": {}, "parameters": {"decoder_layers_ratio": 0.8}},
+           "eval": {"wikitext2/llm-pruner": {"perplexity": 70.0}}, "train_wall_s": 60.0,
+           "zeroshot": zs(0.40, 500, paper_mean=0.42), "zeroshot_full": zs(0.37, 10042, command="python x.py")}
+    row = recipe.run_row(run, None)
+    assert row["paper_mean"] == 0.42 and row["hellaswag_full"] == 0.37
+    assert "hellaswag_full" not in recipe.run_row({**run, "zeroshot_full": None}, None)
+
+    dense = {"zeroshot": zs(0.42, 500), "zeroshot_full": zs(0.406, 10042)}
+    line = make_results_md._recipe_full_hellaswag([run], dense)
+    assert line.startswith("**HellaSwag on the full set** (10,042 items; acc_norm in %; dense SmolLM2 40.6")
+    assert "37.0 (± 0.5; acc 32.0), -3.6 points from dense (on the first 500 items: 40.0, -2.0 from dense)" in line
+    assert "command `python x.py`" in line
+    assert make_results_md._recipe_full_hellaswag([{**run, "zeroshot_full": None}], dense) is None
+
+
 def test_study_base_is_the_demo_before_the_study():
     """The README says the demo is the study's base plus its two winners, learning rate 1e-3 and packed training
     text: nothing else may drift."""

@@ -1,0 +1,104 @@
+"""bench/rerun.py: a recorded quality.py command is repeated into another folder (only where it writes
+changes), done runs are skipped, bad requests fail before anything runs, and the comparison says whether the
+rerun is the same model."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+
+import rerun  # noqa: E402
+
+COMMAND = ("python bench/quality.py --model smollm2-gguf --modes iterative --steps 100 --out bench/results/grid "
+           "--save-models .bench_models/grid --ratios 0.2 --criteria wanda --tag=-x")
+
+
+def _record(folder, rid, ppl, command=COMMAND):
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"run": rid, "command": command,
+              "metrics": {"wikitext2/llm-pruner": {"perplexity": ppl}, "ptb/llm-pruner": {"perplexity": 2 * ppl}}}
+    (folder / f"{rid}.json").write_text(json.dumps(record))
+
+
+def test_rerun_argv_redirects_only_where_the_run_writes():
+    argv = rerun.rerun_argv(COMMAND, "out2", "models2")
+    assert argv[0] == sys.executable and argv[1].endswith(os.path.join("bench", "quality.py"))
+    assert argv[2:] == ["--model", "smollm2-gguf", "--modes", "iterative", "--steps", "100", "--ratios", "0.2",
+                        "--criteria", "wanda", "--tag=-x", "--out", "out2", "--save-models", "models2"]
+    equals_form = rerun.rerun_argv("python bench/quality.py --out=a --save-models=b --steps 4", "c", None)
+    assert equals_form[2:] == ["--steps", "4", "--out", "c"]
+    with pytest.raises(ValueError, match="not a bench/quality.py command"):
+        rerun.rerun_argv("accelerate launch train.py --config x.yaml", "c", None)
+
+
+def test_reruns_skip_done_runs_and_compare_with_the_first(tmp_path, monkeypatch):
+    first, again = tmp_path / "grid", tmp_path / "grid_rerun"
+    _record(first, "iterative-wanda-r0.2", 94.7)
+    _record(first, "iterative-lora-r0.2", 102.2)
+    _record(again, "iterative-lora-r0.2", 102.2 * (1 + 1e-7))  # rerun earlier
+    calls = []
+
+    def fake_run(argv, cwd, check):
+        calls.append(argv)
+        out = argv[argv.index("--out") + 1]
+        _record(type(tmp_path)(out), "iterative-wanda-r0.2", 94.7 * 1.02)  # moved by 2%: another model
+
+    monkeypatch.setattr(rerun.subprocess, "run", fake_run)
+    rows = rerun.main(["--of", str(first), "--out", str(again), "--save-models", str(tmp_path / "m"),
+                       "--runs", "iterative-lora-r0.2", "iterative-wanda-r0.2"])
+    assert len(calls) == 1 and calls[0][-4:] == ["--out", str(again), "--save-models", str(tmp_path / "m")]
+    lora, wanda = rows
+    assert lora["same_model"] and lora["wikitext2_change"] == pytest.approx(1e-7)
+    assert not wanda["same_model"] and wanda["ptb_change"] == pytest.approx(0.02)
+
+
+def test_bad_requests_fail_before_anything_runs(tmp_path, monkeypatch):
+    first = tmp_path / "grid"
+    _record(first, "iterative-wanda-r0.2", 94.7)
+    _record(first, "recipe-run", 80.0, command="accelerate launch train.py --config c.yaml")
+    monkeypatch.setattr(rerun.subprocess, "run", lambda *a, **k: pytest.fail("ran before checking every run"))
+    with pytest.raises(SystemExit) as e:
+        rerun.main(["--of", str(first), "--out", str(tmp_path / "again"),
+                    "--runs", "iterative-wanda-r0.2", "missing-run", "recipe-run"])
+    assert "run 'missing-run': no " in str(e.value) and "run 'recipe-run': not a bench/quality.py command" in str(e.value)
+    with pytest.raises(SystemExit):
+        rerun.parse_args(["--of", str(first), "--out", str(first)])
+
+
+def test_a_command_that_writes_nothing_is_an_error(tmp_path, monkeypatch):
+    first = tmp_path / "grid"
+    _record(first, "iterative-wanda-r0.2", 94.7)
+    monkeypatch.setattr(rerun.subprocess, "run", lambda *a, **k: None)
+    with pytest.raises(SystemExit, match="did not write"):
+        rerun.main(["--of", str(first), "--out", str(tmp_path / "again"), "--runs", "iterative-wanda-r0.2"])
+
+
+def test_results_page_takes_missing_tasks_only_from_a_rerun_of_the_same_model():
+    """The grid table fills a task the first run lacks (its model gone) from the rerun's model, but only where
+    the rerun reproduced the run's perplexities and scored the same number of items."""
+    import make_results_md
+
+    def run(rid, ppl, tasks, limit=500):
+        scored = {t: {"acc": 0.5, "acc_norm": 0.4, "acc_stderr": 0.02, "acc_norm_stderr": 0.02} for t in tasks}
+        return {"run": rid, "mode": "iterative", "criterion": "wanda", "ratio": 0.2, "parameters": 113e6,
+                "metrics": {"wikitext2/llm-pruner": {"perplexity": ppl}},
+                "zeroshot": {"tasks": scored, "limit": limit}}
+
+    five = ["piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "boolq"]
+    first = [run("a", 90.0, five), run("b", 90.0, five), run("c", 90.0, five), run("d", 90.0, five)]
+    reruns = [run("a", 90.0 * (1 + 1e-7), ["hellaswag"]),  # same model: HellaSwag joins the row
+              run("b", 90.0 * 1.02, ["hellaswag"]),  # moved 2%: another model
+              run("c", 90.0, ["hellaswag"], limit=200)]  # other items
+    done = {r["run"]: r for r in make_results_md._with_rerun_tasks(first, reruns)}
+    assert done["a"]["tasks_from_rerun"] == {"zeroshot": ["hellaswag"]}
+    row = make_results_md._grid_row(done["a"], None)
+    assert row["HellaS"] == pytest.approx(40.0) and row["paper mean"] is not None
+    assert row["items/task"] == "500 (HellaS: rerun)"
+    for rid in "bcd":
+        assert "hellaswag" not in done[rid]["zeroshot"]["tasks"] and "tasks_from_rerun" not in done[rid]
+    assert "hellaswag" not in first[0]["zeroshot"]["tasks"], "the run itself is left as read"
