@@ -126,7 +126,7 @@ def main(argv=None):
             print(f"skip {rid} (in {args.out} already)", flush=True)
         else:
             print(f"rerun {rid}: {shlex.join(command[1:])}", flush=True)
-            subprocess.run(command, cwd=common.REPO_ROOT, check=True)
+            subprocess.run(command, check=True)  # in this directory: --out and --save-models as the user gave them
             if not os.path.isfile(os.path.join(args.out, f"{rid}.json")):
                 raise SystemExit(f"rerun: the recorded command of {rid!r} did not write {args.out}/{rid}.json.")
         rows.append(compare(common.read_json(os.path.join(args.of, f"{rid}.json")),

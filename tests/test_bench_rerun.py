@@ -9,6 +9,7 @@ import os
 import sys
 
 import pytest
+from test_bench_quality import data_dir, model_dir  # noqa: F401  (pytest fixtures)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 
@@ -43,7 +44,7 @@ def test_reruns_skip_done_runs_and_compare_with_the_first(tmp_path, monkeypatch)
     _record(again, "iterative-lora-r0.2", 102.2 * (1 + 1e-7))  # rerun earlier
     calls = []
 
-    def fake_run(argv, cwd, check):
+    def fake_run(argv, check):
         calls.append(argv)
         out = argv[argv.index("--out") + 1]
         _record(type(tmp_path)(out), "iterative-wanda-r0.2", 94.7 * 1.02)  # moved by 2%: another model
@@ -102,3 +103,26 @@ def test_results_page_takes_missing_tasks_only_from_a_rerun_of_the_same_model():
     for rid in "bcd":
         assert "hellaswag" not in done[rid]["zeroshot"]["tasks"] and "tasks_from_rerun" not in done[rid]
     assert "hellaswag" not in first[0]["zeroshot"]["tasks"], "the run itself is left as read"
+
+
+def test_a_real_rerun_reproduces_a_tiny_quality_run(tmp_path, monkeypatch, data_dir, model_dir):  # noqa: F811
+    """End to end: a quality.py run is recorded, rerun.py repeats its recorded command in a new process into
+    another folder, and the rerun is the same model (perplexity within SAME_MODEL_RTOL), its model kept."""
+    import quality
+
+    first, again, models = tmp_path / "first", tmp_path / "again", tmp_path / "models"
+    argv = ["--model", model_dir, "--out", str(first), "--ratios", "0.5", "--criteria", "taylor_gate", "--modes",
+            "iterative", "--steps", "2", "--batch", "2", "--max-length", "32", "--windows", "2", "--protocols",
+            "llm-pruner", "--eval-sets", "wikitext2", "--prune-freq", "1"]
+    # The run records the command it was started with (sys.argv), as from a shell.
+    monkeypatch.setattr(sys, "argv", [os.path.join(rerun.common.REPO_ROOT, "bench", "quality.py"), *argv])
+    quality.main(argv)
+    recorded = json.loads((first / "iterative-taylor_gate-r0.5.json").read_text())["command"]
+    assert recorded.startswith("python bench/quality.py --model ")
+
+    rows = rerun.main(["--of", str(first), "--out", str(again), "--save-models", str(models),
+                       "--runs", "iterative-taylor_gate-r0.5"])
+    assert len(rows) == 1 and rows[0]["same_model"], rows
+    assert (models / "iterative-taylor_gate-r0.5" / "config.json").is_file()
+    repeated = json.loads((again / "iterative-taylor_gate-r0.5.json").read_text())
+    assert f"--out {again}" in repeated["command"] and f"--out {first}" not in repeated["command"]
