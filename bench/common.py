@@ -86,6 +86,14 @@ def machine_info() -> dict:
     return info
 
 
+def run_ids(folder: str) -> list[str]:
+    """The run ids of a results folder (one ``<run>.json`` each), oldest first."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(folder, "*.json")), key=os.path.getmtime)
+    return [os.path.splitext(os.path.basename(p))[0] for p in paths]
+
+
 def write_json(path: str, obj) -> None:
     """Write ``obj`` atomically (a reader never sees half a file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

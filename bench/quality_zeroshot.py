@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import glob
 import logging
 import os
 import sys
@@ -65,11 +64,7 @@ def parse_args(argv=None):
 def plan(args) -> list[tuple[str, str, str | None]]:
     """``(run id, run JSON path, model folder or None for dense)`` of every run to evaluate, checked before
     any model is loaded: a missing run or saved model is an error naming it."""
-    if args.runs is None:
-        paths = sorted(glob.glob(os.path.join(args.out, "*.json")), key=os.path.getmtime)
-        runs = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    else:
-        runs = list(args.runs)
+    runs = common.run_ids(args.out) if args.runs is None else list(args.runs)
     out, missing = [], []
     for rid in runs:
         path = os.path.join(args.out, f"{rid}.json")

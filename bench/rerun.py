@@ -74,13 +74,7 @@ def rerun_argv(command: str, out: str, save_models: str | None) -> list[str]:
 
 def plan(args) -> list[tuple[str, list[str] | None]]:
     """``(run id, argv or None when already rerun)`` for every requested run, checked before anything runs."""
-    if args.runs is None:
-        import glob
-
-        paths = sorted(glob.glob(os.path.join(args.of, "*.json")), key=os.path.getmtime)
-        runs = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    else:
-        runs = list(args.runs)
+    runs = common.run_ids(args.of) if args.runs is None else list(args.runs)
     todo, problems = [], []
     for rid in runs:
         first = os.path.join(args.of, f"{rid}.json")
