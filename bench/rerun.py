@@ -16,7 +16,8 @@ Every run JSON of ``quality.py`` records the command that made it. This script r
 
 A run that already has a JSON in ``--out`` is skipped, so the same command continues an interrupted series.
 Every requested run is checked before the first one starts: it must exist in ``--of`` with a ``quality.py``
-command. The same command may make the ``dense`` run too, when ``--out`` has none yet.
+command. An option added to ``quality.py`` after a run was recorded, whose default changes the model
+(``--width-multiple``), is pinned to the behaviour the run had. The same command may make the ``dense`` run too, when ``--out`` has none yet.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ SCRIPT = "bench/quality.py"
 REDIRECTED = ("--out", "--save-models")
 # Relative change above which a rerun is not the same model up to float noise.
 SAME_MODEL_RTOL = 1e-4
+# Options added to quality.py after some runs were recorded, whose default changes the model: a run recorded
+# without the option (absent from its ``settings``) ran with the behaviour before it existed, given here.
+# width_multiple: kept MLP channels were not rounded before it (the default became 8).
+PINNED_WHEN_UNRECORDED = {"width_multiple": ("--width-multiple", "1")}
 
 
 def parse_args(argv=None):
@@ -52,9 +57,11 @@ def parse_args(argv=None):
     return args
 
 
-def rerun_argv(command: str, out: str, save_models: str | None) -> list[str]:
+def rerun_argv(command: str, out: str, save_models: str | None, settings: dict | None = None) -> list[str]:
     """The recorded ``python bench/quality.py ...`` command as an argv for this interpreter, writing to ``out``
-    (and saving models to ``save_models``) instead of where it first wrote."""
+    (and saving models to ``save_models``) instead of where it first wrote. ``settings`` (the run JSON's) tells
+    which later-added options the run predates: those are pinned to their earlier behaviour
+    (``PINNED_WHEN_UNRECORDED``) so today's defaults do not make a different model."""
     words = shlex.split(command)
     if words[:2] != ["python", SCRIPT]:
         raise ValueError(f"not a {SCRIPT} command: {command[:80]!r}")
@@ -68,6 +75,10 @@ def rerun_argv(command: str, out: str, save_models: str | None) -> list[str]:
             skip_value = "=" not in word
             continue
         kept.append(word)
+    given = {word.split("=", 1)[0] for word in kept}
+    for key, (flag, value) in PINNED_WHEN_UNRECORDED.items():
+        if key not in (settings or {}) and flag not in given:
+            kept += [flag, value]
     kept += ["--out", out] + (["--save-models", save_models] if save_models else [])
     return [sys.executable, os.path.join(common.REPO_ROOT, SCRIPT), *kept]
 
@@ -81,9 +92,9 @@ def plan(args) -> list[tuple[str, list[str] | None]]:
         if not os.path.isfile(first):
             problems.append(f"run {rid!r}: no {first}")
             continue
-        command = common.read_json(first).get("command")
+        record = common.read_json(first)
         try:
-            argv = rerun_argv(command or "", args.out, args.save_models)
+            argv = rerun_argv(record.get("command") or "", args.out, args.save_models, record.get("settings"))
         except ValueError as e:
             problems.append(f"run {rid!r}: {e}")
             continue
@@ -94,10 +105,12 @@ def plan(args) -> list[tuple[str, list[str] | None]]:
 
 
 def compare(first: dict, rerun: dict) -> dict:
-    """Per perplexity metric of both runs: first, rerun and the relative change; ``same_model`` is whether every
-    change is below ``SAME_MODEL_RTOL``."""
+    """Per perplexity metric of both runs: first, rerun and the relative change; ``same_model`` is whether both
+    kept the same parameter count (where recorded) and every change is below ``SAME_MODEL_RTOL``."""
     row = {"run": first["run"]}
     changes = []
+    sizes = first.get("parameters"), rerun.get("parameters")
+    same_size = None in sizes or sizes[0] == sizes[1]
     for metric, value in first.get("metrics", {}).items():
         again = rerun.get("metrics", {}).get(metric)
         if not (isinstance(value, dict) and isinstance(again, dict) and "perplexity" in value and "perplexity" in again):
@@ -107,7 +120,7 @@ def compare(first: dict, rerun: dict) -> dict:
         row.update({f"{name}_first": value["perplexity"], f"{name}_rerun": again["perplexity"],
                     f"{name}_change": change})
         changes.append(abs(change))
-    row["same_model"] = bool(changes) and max(changes) < SAME_MODEL_RTOL
+    row["same_model"] = same_size and bool(changes) and max(changes) < SAME_MODEL_RTOL
     return row
 
 

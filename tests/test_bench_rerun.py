@@ -30,11 +30,31 @@ def test_rerun_argv_redirects_only_where_the_run_writes():
     argv = rerun.rerun_argv(COMMAND, "out2", "models2")
     assert argv[0] == sys.executable and argv[1].endswith(os.path.join("bench", "quality.py"))
     assert argv[2:] == ["--model", "smollm2-gguf", "--modes", "iterative", "--steps", "100", "--ratios", "0.2",
-                        "--criteria", "wanda", "--tag=-x", "--out", "out2", "--save-models", "models2"]
-    equals_form = rerun.rerun_argv("python bench/quality.py --out=a --save-models=b --steps 4", "c", None)
+                        "--criteria", "wanda", "--tag=-x", "--width-multiple", "1",
+                        "--out", "out2", "--save-models", "models2"]
+    equals_form = rerun.rerun_argv("python bench/quality.py --out=a --save-models=b --steps 4", "c", None,
+                                   {"width_multiple": 8})
     assert equals_form[2:] == ["--steps", "4", "--out", "c"]
     with pytest.raises(ValueError, match="not a bench/quality.py command"):
         rerun.rerun_argv("accelerate launch train.py --config x.yaml", "c", None)
+
+
+def test_options_added_after_a_run_keep_the_behaviour_it_had():
+    """A run recorded before --width-multiple existed kept unrounded MLP widths: its rerun must not take today's
+    default (8), which makes a smaller model (113.26M -> 112.95M parameters for the 20% wanda grid run)."""
+    old = rerun.rerun_argv(COMMAND, "o", None, {"ratios": [0.2]})
+    assert old[old.index("--width-multiple") + 1] == "1"
+    recorded = rerun.rerun_argv(COMMAND, "o", None, {"width_multiple": 8})
+    assert "--width-multiple" not in recorded  # the recorded command's own default applies
+    explicit = rerun.rerun_argv(COMMAND + " --width-multiple=16", "o", None, {})
+    assert explicit.count("--width-multiple=16") == 1 and "--width-multiple" not in explicit
+
+
+def test_a_rerun_with_another_parameter_count_is_not_the_same_model():
+    first = {"run": "r", "parameters": 113260608, "metrics": {"wikitext2/x": {"perplexity": 94.7}}}
+    assert rerun.compare(first, {**first})["same_model"]
+    assert not rerun.compare(first, {**first, "parameters": 112949568})["same_model"]
+    assert rerun.compare({k: v for k, v in first.items() if k != "parameters"}, first)["same_model"]
 
 
 def test_reruns_skip_done_runs_and_compare_with_the_first(tmp_path, monkeypatch):
