@@ -419,8 +419,8 @@ def _grid_row(run, dense, key="zeroshot") -> dict:
 
 def _with_rerun_tasks(runs: list[dict], reruns: list[dict] | None = None) -> list[dict]:
     """The grid's runs, each completed with the zero-shot tasks it lacks from its rerun
-    (``bench/results/grid_rerun/``, ``bench/rerun.py``) where the rerun is the same model: every perplexity
-    within ``rerun.SAME_MODEL_RTOL`` of the first run's, at the same item limit. The first runs' saved weights
+    (``bench/results/grid_rerun/``, ``bench/rerun.py``) where the rerun is the same model: the same parameter
+    count and every perplexity within ``rerun.SAME_MODEL_RTOL`` of the first run's, at the same item limit. The first runs' saved weights
     were gone before HellaSwag joined the suite; the reruns' were kept. A completed run (a copy) lists what it
     took under ``tasks_from_rerun``: ``{result key: [task, ...]}``."""
     reruns = {r["run"]: r for r in (_runs("grid_rerun") if reruns is None else reruns)}
