@@ -745,10 +745,12 @@ def run_to_run_spread() -> dict:
                 a, b = _grid_row(o, None).get("mean of 5"), _grid_row(r, None).get("mean of 5")
                 if a is not None and b is not None:
                     row[label] = f"{a:.1f} / {b:.1f}"
-        rerun_row = _grid_row(r, None)
-        if rerun_row.get("paper mean") is not None:
-            row["rerun paper mean"] = rerun_row["paper mean"]
-            row["rerun HellaSwag"] = rerun_row.get("HellaS")
+        row["same model"] = "yes" if compare_rerun(o, r)["same_model"] else "no"
+        hellaswag = _grid_row(r, None).get("HellaS")
+        if hellaswag is not None:
+            row["rerun HellaSwag"] = hellaswag
+            # the first run's row as the grid table shows it: tasks it lacks taken from a same-model rerun
+            row["paper mean"] = _grid_row(_with_rerun_tasks([o], [r])[0], None).get("paper mean")
         pairs.append(row)
     changes = [abs(v) for row in pairs for k, v in row.items() if k.endswith("change %")]
     demo = (load("demo_seeds.json") or {}).get("seed_spread") or []
@@ -791,17 +793,21 @@ def section_spread(parts):
     spread = run_to_run_spread()
     if spread["pairs"]:
         parts.append(
-            "Grid runs repeated with the identical command on another machine of the same kind (`bench/results/"
-            "grid_rerun/`, models saved to `.bench_models/grid_rerun`). The first run's saved models were gone, so "
+            "Grid runs repeated with their recorded command on another machine of the same kind (`bench/results/"
+            "grid_rerun/`, models saved to `.bench_models/grid_rerun`; options added to `quality.py` since a run "
+            "are pinned to the behaviour it had). The first run's saved models were gone, so "
             "a rerun is the way to fill their HellaSwag column: `python bench/rerun.py --of bench/results/grid --out "
             "bench/results/grid_rerun --save-models .bench_models/grid_rerun --runs <run>`, then `python "
             "bench/quality_zeroshot.py --out bench/results/grid_rerun --models .bench_models/grid_rerun --tasks "
             "hellaswag --limit 500 --cache .bench_models/zeroshot_cache` (not run yet where the grid table has no "
-            "paper mean).\n")
+            "paper mean). `same model`: the same parameter count and every perplexity within 0.01%; only then "
+            "does the grid table take the rerun's HellaSwag, and `paper mean` is the first run's five tasks with it.\n")
         cols = list(dict.fromkeys(k for row in spread["pairs"] for k in row))
         parts.append(md_table(spread["pairs"], cols, fmt="{:.1f}") + "\n")
         parts.append(
-            f"The same command moved perplexity by up to {spread['max_rel']:.1f}% between machines"
+            ("The same command moved perplexity by less than 0.01% between machines (the same model)"
+             if spread["max_rel"] < 0.01 else
+             f"The same command moved perplexity by up to {spread['max_rel']:.1f}% between machines")
             + (f", and the demo's WikiText-2 perplexity spans {spread['demo_rel']:.1f}% of its mean over three seeds"
                if spread["demo_rel"] is not None else "")
             + ". A gap between two settings smaller than that is inside the spread of a single run; the grid table "

@@ -99,9 +99,9 @@ def test_a_command_that_writes_nothing_is_an_error(tmp_path, monkeypatch):
         rerun.main(["--of", str(first), "--out", str(tmp_path / "again"), "--runs", "iterative-wanda-r0.2"])
 
 
-def test_results_page_takes_missing_tasks_only_from_a_rerun_of_the_same_model():
+def test_results_page_takes_missing_tasks_only_from_a_rerun_of_the_same_model(monkeypatch):
     """The grid table fills a task the first run lacks (its model gone) from the rerun's model, but only where
-    the rerun reproduced the run's perplexities and scored the same number of items."""
+    the rerun reproduced the run's parameter count and perplexities and scored the same number of items."""
     import make_results_md
 
     def run(rid, ppl, tasks, limit=500):
@@ -111,18 +111,27 @@ def test_results_page_takes_missing_tasks_only_from_a_rerun_of_the_same_model():
                 "zeroshot": {"tasks": scored, "limit": limit}}
 
     five = ["piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "boolq"]
-    first = [run("a", 90.0, five), run("b", 90.0, five), run("c", 90.0, five), run("d", 90.0, five)]
+    first = [run(rid, 90.0, five) for rid in "abcde"]
     reruns = [run("a", 90.0 * (1 + 1e-7), ["hellaswag"]),  # same model: HellaSwag joins the row
               run("b", 90.0 * 1.02, ["hellaswag"]),  # moved 2%: another model
-              run("c", 90.0, ["hellaswag"], limit=200)]  # other items
+              run("c", 90.0, ["hellaswag"], limit=200),  # other items
+              dict(run("e", 90.0, ["hellaswag"]), parameters=112.9e6)]  # same perplexity, other widths
     done = {r["run"]: r for r in make_results_md._with_rerun_tasks(first, reruns)}
     assert done["a"]["tasks_from_rerun"] == {"zeroshot": ["hellaswag"]}
     row = make_results_md._grid_row(done["a"], None)
     assert row["HellaS"] == pytest.approx(40.0) and row["paper mean"] is not None
     assert row["items/task"] == "500 (HellaS: rerun)"
-    for rid in "bcd":
+    for rid in "bcde":
         assert "hellaswag" not in done[rid]["zeroshot"]["tasks"] and "tasks_from_rerun" not in done[rid]
     assert "hellaswag" not in first[0]["zeroshot"]["tasks"], "the run itself is left as read"
+
+    # The spread table beside it: whether each rerun is the same model, and the paper mean only where it is.
+    monkeypatch.setattr(make_results_md, "_runs", lambda folder: first if folder == "grid" else reruns)
+    monkeypatch.setattr(make_results_md, "load", lambda name: None)
+    spread = {p["run"]: p for p in make_results_md.run_to_run_spread()["pairs"]}
+    assert {rid: p["same model"] for rid, p in spread.items()} == {"a": "yes", "b": "no", "c": "yes", "e": "no"}
+    assert spread["a"]["rerun HellaSwag"] == pytest.approx(40.0) and spread["a"]["paper mean"] == row["paper mean"]
+    assert spread["b"]["paper mean"] is None and spread["e"]["paper mean"] is None
 
 
 def test_a_real_rerun_reproduces_a_tiny_quality_run(tmp_path, monkeypatch, data_dir, model_dir):  # noqa: F811
