@@ -511,7 +511,8 @@ def section_grid(parts):
         parts.append(f"Where `items/task` names a task with \"rerun\" ({len(from_rerun)} of {len(pruned)} pruned "
                      "runs), that task was scored on the model of a rerun of the same command (`bench/rerun.py`, "
                      "models kept), because this run's saved model was gone before the task joined the suite; the "
-                     "rerun's perplexities match this run's within 0.01% (next section), so it is the same model up to "
+                     "rerun kept the same parameter count and its perplexities match this run's within 0.01% (next "
+                     "section), so it is the same model up to "
                      "float rounding.\n")
     if limit is not None:
         parts.append(f"`WikiText-2 vs best`: the gap to the best run at the same budget; \"in spread\" marks a gap no "
