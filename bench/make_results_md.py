@@ -170,10 +170,8 @@ def section_cost(parts):
 
 def _runs(folder: str) -> list[dict]:
     """Every finished run JSON of a ``bench/quality.py --out bench/results/<folder>`` series, oldest first."""
-    import glob
-
-    paths = sorted(glob.glob(os.path.join(common.RESULTS_DIR, folder, "*.json")), key=os.path.getmtime)
-    return [common.read_json(p) for p in paths]
+    path = os.path.join(common.RESULTS_DIR, folder)
+    return [common.read_json(os.path.join(path, f"{rid}.json")) for rid in common.run_ids(path)]
 
 
 def _load(values) -> str:
@@ -420,9 +418,9 @@ def _grid_row(run, dense, key="zeroshot") -> dict:
 def _with_rerun_tasks(runs: list[dict], reruns: list[dict] | None = None) -> list[dict]:
     """The grid's runs, each completed with the zero-shot tasks it lacks from its rerun
     (``bench/results/grid_rerun/``, ``bench/rerun.py``) where the rerun is the same model: the same parameter
-    count and every perplexity within ``rerun.SAME_MODEL_RTOL`` of the first run's, at the same item limit. The first runs' saved weights
-    were gone before HellaSwag joined the suite; the reruns' were kept. A completed run (a copy) lists what it
-    took under ``tasks_from_rerun``: ``{result key: [task, ...]}``."""
+    count and every perplexity within ``rerun.SAME_MODEL_RTOL`` of the first run's, at the same item limit.
+    The first runs' saved weights were gone before HellaSwag joined the suite; the reruns' were kept. A
+    completed run (a copy) lists what it took under ``tasks_from_rerun``: ``{result key: [task, ...]}``."""
     reruns = {r["run"]: r for r in (_runs("grid_rerun") if reruns is None else reruns)}
     out = []
     for run in runs:

@@ -17,7 +17,8 @@ Every run JSON of ``quality.py`` records the command that made it. This script r
 A run that already has a JSON in ``--out`` is skipped, so the same command continues an interrupted series.
 Every requested run is checked before the first one starts: it must exist in ``--of`` with a ``quality.py``
 command. An option added to ``quality.py`` after a run was recorded, whose default changes the model
-(``--width-multiple``), is pinned to the behaviour the run had. The same command may make the ``dense`` run too, when ``--out`` has none yet.
+(``--width-multiple``), is pinned to the behaviour the run had. The same command may make the ``dense`` run
+too, when ``--out`` has none yet.
 """
 
 from __future__ import annotations
