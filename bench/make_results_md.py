@@ -447,9 +447,28 @@ def _with_rerun_tasks(runs: list[dict], reruns: list[dict] | None = None) -> lis
     return out
 
 
+def _other_model_reruns(runs: list[dict], reruns: list[dict] | None = None) -> list[dict]:
+    """Reruns that are not the same model as their grid run (``compare_rerun``: another parameter count or a
+    perplexity moved by more than ``rerun.SAME_MODEL_RTOL``, as when the first run was recorded on a CPU whose
+    float reductions differ) but scored the HellaSwag the grid run lacks. Their tasks cannot complete the grid
+    run's row, so each is shown as a row of its own, every number from the rerun's model; a copy marked
+    ``rerun_of``."""
+    reruns = {r["run"]: r for r in (_runs("grid_rerun") if reruns is None else reruns)}
+    out = []
+    for run in runs:
+        again = reruns.get(run["run"])
+        if again is None or run["mode"] == "dense" or compare_rerun(run, again)["same_model"]:
+            continue
+        has = (run.get("zeroshot") or {}).get("tasks") or {}
+        if "hellaswag" not in has and "hellaswag" in ((again.get("zeroshot") or {}).get("tasks") or {}):
+            out.append(dict(copy.deepcopy(again), rerun_of=run["run"]))
+    return out
+
+
 def section_grid(parts):
     """The paper-style table of ``bench/results/grid/`` (issue: every criterion at equal tokens)."""
     runs = _with_rerun_tasks(_runs("grid"))
+    own_rows = _other_model_reruns(runs)
     parts.append("## Quality at equal tokens: every criterion at 20%, the best at 50% (paper Tables 1-2)\n")
     if not runs:
         parts.append("_Not run yet (`python bench/quality.py --out bench/results/grid ...`)._\n")
@@ -490,7 +509,11 @@ def section_grid(parts):
     zs_commands = sorted({(r.get(k) or {}).get("command") for r in runs for k in ("zeroshot", "zeroshot_full")} - {None})
     parts.extend(f"- `{c}`" for c in zs_commands)
     parts.append("")
-    rows = [_grid_row(r, dense) for r in runs]
+    rows = []
+    for r in runs:
+        rows.append(_grid_row(r, dense))
+        rows.extend(dict(_grid_row(again, dense), method=_method(again) + " (rerun)")
+                    for again in own_rows if again["rerun_of"] == r["run"])
     spread = run_to_run_spread()
     limit = max(v for v in (spread["max_rel"], spread["demo_rel"]) if v is not None) if (
         spread["max_rel"] is not None or spread["demo_rel"] is not None) else None
@@ -512,6 +535,20 @@ def section_grid(parts):
                      "rerun kept the same parameter count and its perplexities match this run's within 0.01% (next "
                      "section), so it is the same model up to "
                      "float rounding.\n")
+    if own_rows:
+        first = {r["run"]: r for r in runs}
+        before = []  # the dense model's perplexity before any step, as each machine computed it
+        for again in own_rows:
+            a, b = (first[again["rerun_of"]].get("curve") or [{}])[0], (again.get("curve") or [{}])[0]
+            if a.get("step") == b.get("step") == 0 and a.get("perplexity") != b.get("perplexity"):
+                before.append(f"`{again['rerun_of']}` {a['perplexity']:.8f} / {b['perplexity']:.8f}")
+        parts.append("A row marked \"(rerun)\" is a rerun of the row above it, the same command and settings, that "
+                     "did not reproduce its model (a perplexity moved by more than 0.01%). Every number in it is the "
+                     "rerun model's own, HellaSwag included; the row above keeps its first-run numbers without "
+                     "HellaSwag. The gap between the two rows is one more measure of run-to-run spread"
+                     + ((". The two machines computed even the dense model's perplexity before the first step "
+                         "differently (" + "; ".join(before) + "): their float reductions differ, and a close mask "
+                         "choice later tipped") if before else "") + ".\n")
     if limit is not None:
         parts.append(f"`WikiText-2 vs best`: the gap to the best run at the same budget; \"in spread\" marks a gap no "
                      f"larger than {limit:.1f}%, the largest run-to-run change measured for one command (next section), "

@@ -124,6 +124,11 @@ def test_results_page_takes_missing_tasks_only_from_a_rerun_of_the_same_model(mo
     for rid in "bcde":
         assert "hellaswag" not in done[rid]["zeroshot"]["tasks"] and "tasks_from_rerun" not in done[rid]
     assert "hellaswag" not in first[0]["zeroshot"]["tasks"], "the run itself is left as read"
+    # A rerun that is another model shows as a row of its own instead, every number its own.
+    own = {r["rerun_of"]: r for r in make_results_md._other_model_reruns(first, reruns)}
+    assert sorted(own) == ["b", "e"]
+    assert make_results_md._grid_row(own["b"], None)["WikiText-2"] == pytest.approx(90.0 * 1.02)
+    assert make_results_md._grid_row(own["b"], None)["HellaS"] == pytest.approx(40.0)
 
     # The spread table beside it: whether each rerun is the same model, and the paper mean only where it is.
     monkeypatch.setattr(make_results_md, "_runs", lambda folder: first if folder == "grid" else reruns)
