@@ -475,8 +475,8 @@ def section_grid(parts):
         return
     dense = next((r for r in runs if r["mode"] == "dense"), None)
     order = {"taylor_gate": 0, "lora": 1, "vanilla": 2, "wanda": 3, "random": 4}
-    runs.sort(key=lambda r: (r["ratio"] or 0, r["mode"] == "oneshot", order.get(r["criterion"], -1), _distill(r),
-                             _comp(r)))
+    runs.sort(key=lambda r: (r["ratio"] or 0, r["mode"] == "oneshot", order.get(r["criterion"], -1),
+                             _comp(r) != "none", _comp(r), _distill(r)))  # compensated runs after the plain ones
     pruned = [r for r in runs if r["mode"] != "dense"]
     s = pruned[0]["settings"] if pruned else runs[0]["settings"]
     tokens = sorted({r.get("tokens_trained") for r in pruned})
