@@ -651,6 +651,22 @@ def grid_reading(runs) -> str:
                      f"error of up to {se:.1f} points for one such mean: zero-shot accuracy separates random masks "
                      "from the rest, not the criteria from each other; perplexity does, at least for gaps as large "
                      "as `lora`'s.")
+        six = [(r, row) for r, row in zs if row.get("paper mean") is not None and row.get("HellaS") is not None]
+        others = [row for r, row in six if r["criterion"] != "random"]
+        randoms = [row for r, row in six if r["criterion"] == "random"]
+        if len(others) > 1 and randoms:
+            def span(rows, col):
+                values = [row[col] for row in rows]
+                return f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+            hs_se = max(100 * (r["zeroshot"]["tasks"]["hellaswag"].get("acc_norm_stderr") or 0) for r, _ in six)
+            gap = min(row["HellaS"] for row in others) - max(row["HellaS"] for row in randoms)
+            line += (f" With HellaSwag in (the paper's six), the {len(others)} non-random runs span "
+                     f"{span(others, 'paper mean')} and random masks {span(randoms, 'paper mean')}; HellaSwag alone "
+                     f"spans {span(others, 'HellaS')} against random's {span(randoms, 'HellaS')}, with a standard error "
+                     f"of about {hs_se:.1f} points per figure"
+                     + (": at this size HellaSwag alone does not set the worst criterion apart from random masks."
+                        if gap < 2 * hs_se else "."))
         out.append(line)
     if "taylor_gate" in plain:
         ref = plain["taylor_gate"]

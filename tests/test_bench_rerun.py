@@ -160,3 +160,24 @@ def test_a_real_rerun_reproduces_a_tiny_quality_run(tmp_path, monkeypatch, data_
     assert (models / "iterative-taylor_gate-r0.5" / "config.json").is_file()
     repeated = json.loads((again / "iterative-taylor_gate-r0.5.json").read_text())
     assert f"--out {again}" in repeated["command"] and f"--out {first}" not in repeated["command"]
+
+
+def test_grid_reading_says_when_hellaswag_does_not_set_criteria_apart_from_random():
+    """The grid's reading compares the paper's six-task mean and HellaSwag of the criteria with random masks,
+    and says HellaSwag alone cannot tell them apart only when the gap is under two standard errors."""
+    import make_results_md
+
+    def run(criterion, hellaswag, other=0.5):
+        tasks = {t: {"acc": other, "acc_norm": other, "acc_stderr": 0.02, "acc_norm_stderr": 0.02}
+                 for t in ["piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "boolq"]}
+        tasks["hellaswag"] = {"acc": hellaswag, "acc_norm": hellaswag, "acc_stderr": 0.022, "acc_norm_stderr": 0.022}
+        return {"run": criterion, "mode": "iterative", "criterion": criterion, "ratio": 0.2, "parameters": 113e6,
+                "metrics": {"wikitext2/llm-pruner": {"perplexity": 90.0}},
+                "zeroshot": {"tasks": tasks, "limit": 500}}
+
+    close = make_results_md.grid_reading([run("wanda", 0.40), run("lora", 0.37), run("random", 0.36, other=0.45)])
+    assert "HellaSwag alone spans 37.0-40.0 against random's 36.0" in close
+    assert "does not set the worst criterion apart from random masks" in close
+    far = make_results_md.grid_reading([run("wanda", 0.40), run("lora", 0.37), run("random", 0.30, other=0.45)])
+    assert "HellaSwag alone spans 37.0-40.0 against random's 30.0" in far
+    assert "does not set the worst criterion apart" not in far
