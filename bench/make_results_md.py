@@ -663,8 +663,8 @@ def grid_reading(runs) -> str:
             gap = min(row["HellaS"] for row in others) - max(row["HellaS"] for row in randoms)
             line += (f" With HellaSwag in (the paper's six), the {len(others)} non-random runs span "
                      f"{span(others, 'paper mean')} and random masks {span(randoms, 'paper mean')}; HellaSwag alone "
-                     f"spans {span(others, 'HellaS')} against random's {span(randoms, 'HellaS')}, with a standard error "
-                     f"of about {hs_se:.1f} points per figure"
+                     f"spans {span(others, 'HellaS')} against random's {span(randoms, 'HellaS')}, with a standard "
+                     f"error of about {hs_se:.1f} points per figure"
                      + (": at this size HellaSwag alone does not set the worst criterion apart from random masks."
                         if gap < 2 * hs_se else "."))
         out.append(line)
