@@ -909,32 +909,34 @@ def section_compensation(parts):
         parts.append(
             "Pruning while fine-tuning, equal tokens (the grid's command and budget, "
             f"{comp[0].get('tokens_trained'):,} training tokens), with and without the refit at every mask update "
-            "(`--compensation lstsq`, statistics from the last 8 micro-batches before each update). The `none` rows "
-            "are the grid's own runs; at 20% the rerun of the same command on this machine is shown too, as the "
-            "measure of run-to-run spread.\n")
+            "(`--compensation lstsq`, statistics from the last 8 micro-batches before each update). The \"(grid)\" "
+            "rows are the grid's own runs; under each, where it exists, its rerun with the same command on another "
+            "machine (`bench/rerun.py`), as the measure of run-to-run spread.\n")
         rows = []
         rerun = {r["run"]: r for r in _runs("grid_rerun")}
         for r in sorted(grid, key=lambda r: (r["ratio"], _comp(r) != "none", _comp(r))):
             rows.append({"budget": f"{r['ratio']:.0%}", "run": _method(r) + " (grid)",
                          **{col: _ppl(r, m) for m, col in PPL_COLUMNS if _ppl(r, m)}})
-            if _comp(r) == "none" and r["run"] in rerun:
+            if r["run"] in rerun:
                 x = rerun[r["run"]]
-                rows.append({"budget": f"{x['ratio']:.0%}", "run": _method(x) + " (rerun, this machine)",
+                rows.append({"budget": f"{x['ratio']:.0%}", "run": _method(x) + " (rerun)",
                              **{col: _ppl(x, m) for m, col in PPL_COLUMNS if _ppl(x, m)}})
         parts.append(md_table(rows, ["budget", "run", *[c for _, c in PPL_COLUMNS]], fmt="{:.1f}") + "\n")
         lines = []
         for r in comp:
             base = [b for b in grid if b["ratio"] == r["ratio"] and _comp(b) == "none"]
-            base += [x for x in _runs("grid_rerun") if x["mode"] == "iterative" and x["ratio"] == r["ratio"]
-                     and x["criterion"] == "taylor_gate" and not _distill(x)]
+            base += [x for x in rerun.values() if x["mode"] == "iterative" and x["ratio"] == r["ratio"]
+                     and x["criterion"] == "taylor_gate" and not _distill(x) and _comp(x) == "none"]
             if not base:
                 continue
-            cells = []
+            cells, again = [], rerun.get(r["run"])
             for m, col in PPL_COLUMNS:
                 values = [_ppl(b, m) for b in base if _ppl(b, m)]
                 if values and _ppl(r, m):
-                    cells.append(f"{col} {100 * (_ppl(r, m) / min(values) - 1):+.1f}% vs the best "
-                                 f"`none` run ({min(values):.1f})")
+                    cell = f"{col} {100 * (_ppl(r, m) / min(values) - 1):+.1f}%"
+                    if again is not None and _ppl(again, m):
+                        cell += f" (rerun {100 * (_ppl(again, m) / min(values) - 1):+.1f}%)"
+                    cells.append(cell + f" vs the best `none` run ({min(values):.1f})")
             lines.append(f"At {r['ratio']:.0%}, `{_comp(r)}`: " + ", ".join(cells) + ".")
         parts.append(" ".join(lines) + " The recovery curves of these runs are in the grid's curve plot (dash-dot: "
                      "with the refit).\n")

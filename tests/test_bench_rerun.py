@@ -181,3 +181,26 @@ def test_grid_reading_says_when_hellaswag_does_not_set_criteria_apart_from_rando
     far = make_results_md.grid_reading([run("wanda", 0.40), run("lora", 0.37), run("random", 0.30, other=0.45)])
     assert "HellaSwag alone spans 37.0-40.0 against random's 30.0" in far
     assert "does not set the worst criterion apart" not in far
+
+
+def test_compensated_runs_are_compared_with_plain_runs_only(monkeypatch):
+    """The compensation section compares a refitted run with the best plain (`none`) run at its budget, the
+    plain run's rerun included, never with a rerun of a refitted run; each refitted run's own rerun is shown
+    beside it."""
+    import make_results_md
+
+    def run(rid, compensation, ppl):
+        settings = {"compensation": compensation} if compensation != "none" else {}
+        return {"run": rid, "mode": "iterative", "criterion": "taylor_gate", "ratio": 0.2, "parameters": 113e6,
+                "tokens_trained": 1000, "settings": settings, "metrics": {"wikitext2/llm-pruner": {"perplexity": ppl}}}
+
+    grid = [run("plain", "none", 90.0), run("refit", "lstsq", 88.0)]
+    reruns = [run("plain", "none", 91.0), run("refit", "lstsq", 80.0)]
+    monkeypatch.setattr(make_results_md, "_runs", lambda folder: {"grid": grid, "grid_rerun": reruns}.get(folder, []))
+    monkeypatch.setattr(make_results_md, "load", lambda name: None)
+    assert make_results_md._comp(grid[1]) == "lstsq" and make_results_md._comp(grid[0]) == "none"
+    parts = []
+    make_results_md.section_compensation(parts)
+    page = "\n".join(parts)
+    assert "WikiText-2 -2.2% (rerun -11.1%) vs the best `none` run (90.0)" in page
+    assert "taylor_gate + lstsq refit (rerun) | 80.0" in page
