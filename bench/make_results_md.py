@@ -595,7 +595,7 @@ def section_grid(parts):
                  "inference speed, criterion cost, step overhead):\n")
     parts.append(md_table(cost, ["run", "tokens", "train_min", "eval_min", "load_start/end",
                                  "zero-shot load start/end"]) + "\n")
-    parts.append(grid_reading(runs))
+    parts.append(grid_reading(runs, own_rows))
     parts.append("![recovery curves](../bench/results/grid.curve.png)\n")
     parts.append("![WikiText-2 by criterion](../bench/results/grid.png)\n")
 
@@ -619,8 +619,9 @@ def _boolq_yes_share(limit: int | None) -> float | None:
     return 100 * sum(labels) / len(labels) if labels else None
 
 
-def grid_reading(runs) -> str:
-    """What the grid shows, in sentences computed from the runs (so a rerun cannot leave stale numbers)."""
+def grid_reading(runs, own_rows=()) -> str:
+    """What the grid shows, in sentences computed from the runs (so a rerun cannot leave stale numbers).
+    ``own_rows``: reruns shown as rows of their own (``_other_model_reruns``), each marked ``rerun_of``."""
     dense = next((r for r in runs if r["mode"] == "dense"), None)
     twenty = [r for r in runs if r["ratio"] == 0.2 and r["mode"] == "iterative"]
     plain = {r["criterion"]: r for r in twenty if not _distill(r) and _comp(r) == "none"}
@@ -742,14 +743,26 @@ def grid_reading(runs) -> str:
                    + "; ".join(cells) + ".")
     fifty = {(_method(r)): r for r in runs if r["ratio"] == 0.5}
     if fifty:
+        again = {r["rerun_of"]: r for r in own_rows}
+
         def zs_cell(r):
             row = _grid_row(r, None)
-            return f", zero-shot mean of 5 {row['mean of 5']:.1f}" if row.get("mean of 5") is not None else ""
+            if row.get("paper mean") is not None:
+                return f", zero-shot paper mean {row['paper mean']:.1f} (mean of 5 {row['mean of 5']:.1f})"
+            if row.get("mean of 5") is not None:
+                return f", zero-shot mean of 5 {row['mean of 5']:.1f}"
+            other = again.get(r["run"])
+            if other is None:
+                return ""
+            return (" (its rerun, another model: " + " / ".join(f"{_ppl(other, m):.1f}" for m, _ in PPL_COLUMNS
+                                                                 if _ppl(other, m)) + zs_cell(other) + ")")
 
         cells = [f"{name}: " + " / ".join(f"{_ppl(r, m):.1f}" for m, _ in PPL_COLUMNS if _ppl(r, m)) + zs_cell(r)
                  for name, r in fifty.items()]
-        reference = f" (dense: zero-shot mean of 5 {_grid_row(dense, None)['mean of 5']:.1f})" if (
-            dense and dense.get("zeroshot")) else ""
+        d = _grid_row(dense, None) if dense and dense.get("zeroshot") else {}
+        reference = (f" (dense: zero-shot paper mean {d['paper mean']:.1f}, mean of 5 {d['mean of 5']:.1f})"
+                     if d.get("paper mean") is not None else
+                     f" (dense: zero-shot mean of 5 {d['mean of 5']:.1f})" if d.get("mean of 5") is not None else "")
         line = "**50%** (WikiText-2 / PTB / C4 perplexity): " + "; ".join(cells) + reference + "."
         oneshot = next((r for r in runs if r["ratio"] == 0.5 and r["mode"] == "oneshot"), None)
         iterative = [r for r in runs if r["ratio"] == 0.5 and r["mode"] == "iterative"
@@ -766,13 +779,18 @@ def grid_reading(runs) -> str:
                      f"{target['mlp_channels_per_layer']:,} MLP channels go, and 51k tokens recover little: a budget for a "
                      "longer (GPU) run, not for this CPU.")
         out.append(line)
+    covered = {r["rerun_of"] for r in own_rows if _hellaswag(r.get("zeroshot"))}
+    lacking = [r for r in runs if r["mode"] != "dense" and not _hellaswag(r.get("zeroshot")) and r["run"] not in covered]
+    hellaswag_caveat = ("HellaSwag only for the runs whose models were still at hand when it joined the suite (or "
+                        "were trained again)" if lacking else
+                        "HellaSwag scored on models trained again with the same commands, the first runs' models "
+                        "being gone (where a rerun tipped to another model, that model has a row of its own)")
     out.append(
         "What the grid cannot show: one seed per cell (differences of a few percent between `taylor_gate`, "
         "`vanilla` and `wanda` are within what a second seed could move); 51k training tokens, far below the paper's "
         "budget, so these are early-recovery numbers; a 135M model whose MLPs are the only thing cut; zero-shot on "
-        "500 items per task (about 2.2 points of standard error each); HellaSwag only for the runs whose models were "
-        "still at hand when it joined the suite (or were trained again); and BoolQ, where this model is below the "
-        "majority class, carries little signal.")
+        "500 items per task (about 2.2 points of standard error each); " + hellaswag_caveat + "; and BoolQ, where "
+        "this model is below the majority class, carries little signal.")
     return "\n\n".join(out) + "\n"
 
 

@@ -204,3 +204,30 @@ def test_compensated_runs_are_compared_with_plain_runs_only(monkeypatch):
     page = "\n".join(parts)
     assert "WikiText-2 -2.2% (rerun -11.1%) vs the best `none` run (90.0)" in page
     assert "taylor_gate + lstsq refit (rerun) | 80.0" in page
+
+
+def test_grid_reading_gives_the_paper_mean_at_50_percent_and_a_rerun_row_for_a_run_without_zero_shot():
+    """The 50% sentence uses the paper's six-task mean where a run has HellaSwag, and for a run with no
+    zero-shot of its own (its rerun another model) the rerun's numbers, named as such."""
+    import make_results_md
+
+    def run(rid, ppl, hellaswag=True, zeroshot=True, rerun_of=None):
+        tasks = {t: {"acc": 0.5, "acc_norm": 0.5, "acc_stderr": 0.02, "acc_norm_stderr": 0.02}
+                 for t in ["piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "boolq"]}
+        if hellaswag:
+            tasks["hellaswag"] = {"acc": 0.2, "acc_norm": 0.2, "acc_stderr": 0.02, "acc_norm_stderr": 0.02}
+        r = {"run": rid, "mode": "iterative", "criterion": "taylor_gate", "ratio": 0.5, "parameters": 81e6,
+             "metrics": {"wikitext2/llm-pruner": {"perplexity": ppl}}}
+        if zeroshot:
+            r["zeroshot"] = {"tasks": tasks, "limit": 500}
+        return dict(r, rerun_of=rerun_of) if rerun_of else r
+
+    plain, refit = run("plain", 300.0), dict(run("refit", 225.0, zeroshot=False), settings={"compensation": "lstsq"})
+    text = make_results_md.grid_reading([plain, refit], [run("refit", 230.0, rerun_of="refit")])
+    assert "taylor_gate: 300.0, zero-shot paper mean 45.0 (mean of 5 50.0)" in text
+    assert "taylor_gate + lstsq refit: 225.0 (its rerun, another model: 230.0, zero-shot paper mean 45.0" in text
+    assert "where a rerun tipped to another model, that model has a row of its own" in text
+    # A run with neither HellaSwag nor a rerun that has it keeps the older caveat and the five-task mean.
+    text = make_results_md.grid_reading([run("plain", 300.0, hellaswag=False), refit])
+    assert "taylor_gate: 300.0, zero-shot mean of 5 50.0" in text
+    assert "HellaSwag only for the runs whose models were still at hand" in text
