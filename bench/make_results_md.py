@@ -745,17 +745,18 @@ def grid_reading(runs, own_rows=()) -> str:
     if fifty:
         again = {r["rerun_of"]: r for r in own_rows}
 
-        def zs_cell(r):
+        def means(r):
             row = _grid_row(r, None)
             if row.get("paper mean") is not None:
                 return f", zero-shot paper mean {row['paper mean']:.1f} (mean of 5 {row['mean of 5']:.1f})"
-            if row.get("mean of 5") is not None:
-                return f", zero-shot mean of 5 {row['mean of 5']:.1f}"
+            return f", zero-shot mean of 5 {row['mean of 5']:.1f}" if row.get("mean of 5") is not None else ""
+
+        def zs_cell(r):
             other = again.get(r["run"])
-            if other is None:
-                return ""
+            if means(r) or other is None:
+                return means(r)
             return (" (its rerun, another model: " + " / ".join(f"{_ppl(other, m):.1f}" for m, _ in PPL_COLUMNS
-                                                                 if _ppl(other, m)) + zs_cell(other) + ")")
+                                                                 if _ppl(other, m)) + means(other) + ")")
 
         cells = [f"{name}: " + " / ".join(f"{_ppl(r, m):.1f}" for m, _ in PPL_COLUMNS if _ppl(r, m)) + zs_cell(r)
                  for name, r in fifty.items()]

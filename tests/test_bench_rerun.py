@@ -231,3 +231,8 @@ def test_grid_reading_gives_the_paper_mean_at_50_percent_and_a_rerun_row_for_a_r
     text = make_results_md.grid_reading([run("plain", 300.0, hellaswag=False), refit])
     assert "taylor_gate: 300.0, zero-shot mean of 5 50.0" in text
     assert "HellaSwag only for the runs whose models were still at hand" in text
+    # A rerun row that scored HellaSwag alone gives its perplexities and no mean (no recursion into itself).
+    only_hellaswag = run("refit", 230.0, rerun_of="refit")
+    only_hellaswag["zeroshot"]["tasks"] = {"hellaswag": only_hellaswag["zeroshot"]["tasks"]["hellaswag"]}
+    text = make_results_md.grid_reading([plain, refit], [only_hellaswag])
+    assert "taylor_gate + lstsq refit: 225.0 (its rerun, another model: 230.0)" in text
