@@ -61,6 +61,20 @@ def load_average() -> list[float] | None:
         return None
 
 
+def cpu_description() -> str | None:
+    """The CPU's vendor, family, model and name as Linux reports them (``/proc/cpuinfo``), else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return None
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if "model name" not in fields:
+        return platform.processor() or None
+    return (f"{fields['model name']} ({fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')}, {fields.get('cpu MHz', '?')} MHz)")
+
+
 def machine_info() -> dict:
     """What ran the benchmark (recorded with every result)."""
     import torch
@@ -73,6 +87,9 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # Two CPUs with the same core count can differ 4x in speed and round floats differently; these say which.
+        "cpu": cpu_description(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     try:
         info["load_average_at_start"] = os.getloadavg()

@@ -131,7 +131,7 @@ def test_results_page_takes_missing_tasks_only_from_a_rerun_of_the_same_model(mo
     assert make_results_md._grid_row(own["b"], None)["HellaS"] == pytest.approx(40.0)
 
     # The spread table beside it: whether each rerun is the same model, and the paper mean only where it is.
-    monkeypatch.setattr(make_results_md, "_runs", lambda folder: first if folder == "grid" else reruns)
+    monkeypatch.setattr(make_results_md, "_runs", lambda folder: {"grid": first, "grid_rerun": reruns}.get(folder, []))
     monkeypatch.setattr(make_results_md, "load", lambda name: None)
     spread = {p["run"]: p for p in make_results_md.run_to_run_spread()["pairs"]}
     assert {rid: p["same model"] for rid, p in spread.items()} == {"a": "yes", "b": "no", "c": "yes", "e": "no"}
@@ -236,3 +236,44 @@ def test_grid_reading_gives_the_paper_mean_at_50_percent_and_a_rerun_row_for_a_r
     only_hellaswag["zeroshot"]["tasks"] = {"hellaswag": only_hellaswag["zeroshot"]["tasks"]["hellaswag"]}
     text = make_results_md.grid_reading([plain, refit], [only_hellaswag])
     assert "taylor_gate + lstsq refit: 225.0 (its rerun, another model: 230.0)" in text
+
+
+def test_reruns_on_another_cpu_join_the_spread_and_a_missing_full_hellaswag_is_explained(monkeypatch):
+    """A rerun on another kind of CPU is one more spread measurement (its own row, its change counted in the
+    largest change), the page names that CPU and the training time there; a full-sets row without HellaSwag
+    gets a sentence saying why and what the full pass cost where it was run."""
+    import common
+    import make_results_md
+
+    def run(rid, ppl, train_s=300.0, cpu=None, full=None):
+        return {"run": rid, "mode": "iterative", "criterion": "taylor_gate", "ratio": 0.2, "parameters": 113e6,
+                "train_s": train_s, "machine": {"cpu": cpu, "cpu_capability": "AVX2" if cpu else None},
+                "metrics": {"wikitext2/llm-pruner": {"perplexity": ppl}}, **({"zeroshot_full": full} if full else {})}
+
+    scored = {"acc": 0.5, "acc_norm": 0.4, "acc_stderr": 0.01, "acc_norm_stderr": 0.01}
+    full_pass = {"tasks": {"hellaswag": scored}, "limit": None, "eval_s": 7200.0,
+                 "protocol": {"cache": {"requests_cached_before": 168, "requests_cached_after": 40168}}}
+    grid = [run("tg", 90.0, full={"tasks": {"piqa": scored}, "limit": None}), run("w", 95.0)]
+    same_kind = [run("tg", 90.0), run("w", 95.0, full=full_pass)]
+    other_cpu = [run("tg", 90.0 * 1.03, train_s=1200.0, cpu="Old CPU (family 23)")]
+    folders = {"grid": grid, "grid_rerun": same_kind, make_results_md.OTHER_CPU_RERUNS: other_cpu}
+    monkeypatch.setattr(make_results_md, "_runs", lambda folder: folders.get(folder, []))
+    monkeypatch.setattr(make_results_md, "load", lambda name: None)
+
+    spread = make_results_md.run_to_run_spread()
+    rows = {p["run"]: p for p in spread["pairs"]}
+    assert rows["tg (other CPU)"]["same model"] == "no" and rows["tg"]["same model"] == "yes"
+    assert spread["max_rel"] == pytest.approx(3.0)
+    parts = []
+    make_results_md.section_spread(parts)
+    page = "\n".join(parts)
+    assert "`tg` on Old CPU (family 23), torch kernels AVX2, training 20.0 min against the first run's 5.0 min (4.0x)" in page
+
+    note = make_results_md._full_hellaswag_gaps(grid)
+    assert note.startswith("No full HellaSwag yet for `taylor_gate` 20%")
+    assert "took 2.0 h for 40,000 requests on the grid's kind of machine, `w`" in note
+    grid[0]["zeroshot_full"]["tasks"]["hellaswag"] = scored
+    assert make_results_md._full_hellaswag_gaps(grid) == ""
+
+    described = common.machine_info()
+    assert "cpu" in described and described["cpu_capability"], described
