@@ -104,10 +104,11 @@ def machine_info() -> dict:
 
 
 def run_ids(folder: str) -> list[str]:
-    """The run ids of a results folder (one ``<run>.json`` each), oldest first."""
+    """The run ids of a results folder (one ``<run>.json`` each), in name order: file times would order them by
+    when they were written, but a clone rewrites those times, and pages built from the runs must not change."""
     import glob
 
-    paths = sorted(glob.glob(os.path.join(folder, "*.json")), key=os.path.getmtime)
+    paths = sorted(glob.glob(os.path.join(folder, "*.json")))
     return [os.path.splitext(os.path.basename(p))[0] for p in paths]
 
 

@@ -172,7 +172,7 @@ def section_cost(parts):
 
 
 def _runs(folder: str) -> list[dict]:
-    """Every finished run JSON of a ``bench/quality.py --out bench/results/<folder>`` series, oldest first."""
+    """Every finished run JSON of a ``bench/quality.py --out bench/results/<folder>`` series, in name order."""
     path = os.path.join(common.RESULTS_DIR, folder)
     return [common.read_json(os.path.join(path, f"{rid}.json")) for rid in common.run_ids(path)]
 

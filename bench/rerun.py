@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--save-models", default=None, metavar="DIR",
                    help="Keep each rerun's compacted model in DIR/<run> (for quality_zeroshot.py).")
     p.add_argument("--runs", nargs="+", default=None,
-                   help="Run ids, in the order to run them (default: every run of --of, oldest first).")
+                   help="Run ids, in the order to run them (default: every run of --of, in name order).")
     args = p.parse_args(argv)
     if os.path.abspath(args.of) == os.path.abspath(args.out):
         p.error("--out must differ from --of: the reruns would be skipped as done.")

@@ -277,3 +277,12 @@ def test_reruns_on_another_cpu_join_the_spread_and_a_missing_full_hellaswag_is_e
 
     described = common.machine_info()
     assert "cpu" in described and described["cpu_capability"], described
+
+
+def test_run_ids_do_not_depend_on_file_times(tmp_path):
+    """Results pages list runs in ``run_ids`` order; a clone rewrites file times, so the order is the names'."""
+    for name, stamp in (("b", 1_000), ("a", 3_000), ("c", 2_000)):
+        path = tmp_path / f"{name}.json"
+        path.write_text("{}")
+        os.utime(path, (stamp, stamp))
+    assert rerun.common.run_ids(str(tmp_path)) == ["a", "b", "c"]
