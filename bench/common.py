@@ -87,7 +87,7 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        # Two CPUs with the same core count can differ 4x in speed and round floats differently; these say which.
+        # Two CPUs with the same core count can differ in speed and round floats differently; these say which.
         "cpu": cpu_description(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }

@@ -19,7 +19,7 @@ from rerun import compare as compare_rerun  # noqa: E402
 from loraprune_trainer.evaluation import PAPER_METRICS, PAPER_TASKS, paper_accuracy, paper_mean  # noqa: E402
 
 OUT = os.path.join(common.REPO_ROOT, "docs", "results.md")
-# Grid reruns on a CPU of another kind (same core count, older and slower cores), kept apart from grid_rerun/,
+# Grid reruns on a CPU of another kind (same core count, older cores), kept apart from grid_rerun/,
 # whose machines reproduced most grid runs float for float.
 OTHER_CPU_RERUNS = "grid_rerun_avx2"
 
@@ -419,27 +419,16 @@ def _grid_row(run, dense, key="zeroshot") -> dict:
 
 
 def _full_hellaswag_gaps(runs: list[dict]) -> str:
-    """Why a row of the full-sets table has no HellaSwag, with what scoring it has cost where it was done
-    (``runs`` as the grid table has them: tasks taken from same-model reruns already in). "" when none lacks it."""
-    full = [r for r in runs if r.get("zeroshot_full")]
-    missing = [r for r in full if "hellaswag" not in r["zeroshot_full"]["tasks"]]
+    """Why a row of the full-sets table has no HellaSwag (``runs`` as the grid table has them: tasks taken from
+    same-model reruns already in). "" when none lacks it."""
+    missing = [r for r in runs if r.get("zeroshot_full") and "hellaswag" not in r["zeroshot_full"]["tasks"]]
     if not missing:
         return ""
-    # The cost of a full pass, from a rerun that made one (its record keeps the time and the uncached requests).
-    cost = ""
-    for r in _runs("grid_rerun"):
-        zs = r.get("zeroshot_full") or {}
-        cache = (zs.get("protocol") or {}).get("cache") or {}
-        if "hellaswag" in zs.get("tasks", {}) and zs.get("eval_s") and cache.get("requests_cached_after"):
-            done = cache["requests_cached_after"] - cache.get("requests_cached_before", 0)
-            cost = (f" (scoring it took {zs['eval_s'] / 3600:.1f} h for {done:,} requests on the grid's kind of "
-                    f"machine, `{r['run']}`)")
-            break
     names = ", ".join(f"`{_method(r)}` {r['ratio']:.0%}" for r in missing)
     return (f"No full HellaSwag yet for {names}: the run's saved model was gone before HellaSwag joined the suite, "
-            "and only a rerun that reproduces the model (`same model` in the rerun table) may fill the cell; it then "
-            "needs the full pass, `python bench/quality_zeroshot.py --out bench/results/grid_rerun --models "
-            f".bench_models/grid_rerun --runs <run> --tasks hellaswag --limit 0`{cost}.\n")
+            "and only a rerun that reproduces the model (`same model` in the rerun table) may fill the cell, with "
+            "`python bench/quality_zeroshot.py --out bench/results/grid_rerun --models .bench_models/grid_rerun "
+            "--runs <run> --tasks hellaswag --limit 0`.\n")
 
 
 def _with_rerun_tasks(runs: list[dict], reruns: list[dict] | None = None) -> list[dict]:
@@ -826,10 +815,11 @@ def grid_reading(runs, own_rows=()) -> str:
 def run_to_run_spread() -> dict:
     """How far one run of the same command moves: per perplexity set, the largest relative difference between
     a grid run and its rerun (``bench/results/grid_rerun/``, and ``OTHER_CPU_RERUNS`` for reruns on a slower
-    CPU, their run ids marked "(other CPU)"), and the demo's perplexity range over seeds relative to its mean. ``{"pairs": [...], "max_rel": float or None, "demo_rel": float or None}``."""
+    CPU, their run ids marked "(other CPU)"), and the demo's perplexity range over seeds relative to its mean.
+    ``{"pairs": [...], "max_rel": float or None, "demo_rel": float or None}``."""
     original = {r["run"]: r for r in _runs("grid")}
     pairs = []
-    # A fixed order: file times say nothing after a fresh clone.
+    # Dense first, then by budget; the other CPU's reruns last.
     reruns = sorted([(r, "") for r in _runs("grid_rerun")] + [(r, " (other CPU)") for r in _runs(OTHER_CPU_RERUNS)],
                     key=lambda pair: (pair[1], pair[0]["mode"] != "dense", pair[0].get("ratio") or 0, pair[0]["run"]))
     for r, suffix in reruns:
@@ -861,21 +851,6 @@ def run_to_run_spread() -> dict:
         d = demo[0]
         demo_rel = 100 * (d["ppl_after_max"] - d["ppl_after_min"]) / d["ppl_after_mean"]
     return {"pairs": pairs, "max_rel": max(changes) if changes else None, "demo_rel": demo_rel}
-
-
-def other_cpu_reruns() -> list[dict]:
-    """Pruned grid runs repeated on another kind of CPU (``OTHER_CPU_RERUNS``): which CPU, and the training time
-    there and in the first run. One dict per rerun whose first run is in the grid."""
-    original = {r["run"]: r for r in _runs("grid")}
-    rows = []
-    for r in _runs(OTHER_CPU_RERUNS):
-        o = original.get(r["run"])
-        if o is None or r["mode"] == "dense" or not (o.get("train_s") and r.get("train_s")):
-            continue
-        rows.append({"run": r["run"], "cpu": r["machine"].get("cpu") or "an unrecorded CPU",
-                     "cpu_capability": r["machine"].get("cpu_capability") or "?",
-                     "train_min_first": o["train_s"] / 60, "train_min_rerun": r["train_s"] / 60})
-    return rows
 
 
 def section_spread(parts):
@@ -921,13 +896,13 @@ def section_spread(parts):
             "does the grid table take the rerun's HellaSwag, and `paper mean` is the first run's five tasks with it.\n")
         cols = list(dict.fromkeys(k for row in spread["pairs"] for k in row))
         parts.append(md_table(spread["pairs"], cols, fmt="{:.1f}") + "\n")
-        other = other_cpu_reruns()
+        original = {r["run"] for r in _runs("grid")}
+        other = [r for r in _runs(OTHER_CPU_RERUNS) if r["run"] in original and r["mode"] != "dense"]
         if other:
             parts.append(
                 "Rows marked \"(other CPU)\" ran the same command on a 2-core machine with another CPU: "
-                + "; ".join(f"`{o['run']}` on {o['cpu']}, torch kernels {o['cpu_capability']}, training "
-                            f"{o['train_min_rerun']:.1f} min against the first run's {o['train_min_first']:.1f} min "
-                            f"({o['train_min_rerun'] / o['train_min_first']:.1f}x)" for o in other)
+                + "; ".join(f"`{r['run']}` on {r['machine'].get('cpu') or 'an unrecorded CPU'}, torch kernels "
+                            f"{r['machine'].get('cpu_capability') or '?'}" for r in other)
                 + f". Command: `python bench/rerun.py --of bench/results/grid --out bench/results/{OTHER_CPU_RERUNS} "
                   "--save-models .bench_models/grid_rerun --runs <run>`. Such a machine gives another model from "
                   "the same command (its float reductions differ), so a task scored there fills no grid cell.\n")
